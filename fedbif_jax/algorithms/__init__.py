@@ -1,0 +1,23 @@
+"""Federated algorithms by name, all behind `base.Algorithm` (one file per algorithm)."""
+from __future__ import annotations
+
+from fedbif_jax import bits as bits_lib
+from fedbif_jax.algorithms import base, fedavg, fedbif
+from fedbif_jax.errors import ConfigError, check
+
+ALGORITHMS = {
+    "fedavg": fedavg.make,
+    "fedbif": fedbif.make,
+}
+
+
+def get_algorithm(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
+  """The algorithm named by `config.algorithm`, built from its config section."""
+  name = config.algorithm
+  check(name in ALGORITHMS, "algorithm", f"one of {', '.join(sorted(ALGORITHMS))}", name)
+  try:
+    return ALGORITHMS[name](config, predicate)
+  except ConfigError:
+    raise
+  except ValueError as e:  # validation errors of the core functions, already one line
+    raise ConfigError(str(e)) from None

@@ -1,0 +1,58 @@
+"""The algorithm interface shared by every federated algorithm, and pytree helpers.
+
+An `Algorithm` is a NamedTuple of pure functions (in the style of optax's GradientTransformation).
+The engine (`fedbif_jax/train.py`) calls them; it never looks inside the states or payloads:
+
+  init(key, variables) -> server_state
+  init_client(key, variables) -> client_state                 # persistent, per client id
+  broadcast(server_state, key) -> downlink                      # what the server sends
+  client_start(downlink, client_state, key) -> LocalState       # the client's local model
+  model_params(trainable, downlink) -> params                   # the Flax params to apply
+  client_finish(downlink, client_state, local, key) -> (uplink, client_state)
+  aggregate(server_state, downlink, uplinks, weights, client_metrics) -> server_state
+  eval_variables(server_state) -> variables                     # the global model to evaluate
+
+Local training between `client_start` and `client_finish` is the same for every algorithm (SGD on
+`LocalState.trainable`, see `fedbif_jax/client.py`), which composes them into
+``client_update(downlink, client_state, batches, key) -> (uplink, client_state, metrics)``.
+`uplinks` are the clients' uplinks stacked on a leading client axis; `weights` float32 [C] sum to 1.
+`variables` is a Flax variables dict: ``{"params": ..., **model_state}`` where the model state
+holds non-trained collections such as BatchNorm's ``batch_stats``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class LocalState(NamedTuple):
+  trainable: Any    # what local SGD updates (weights, or FedBiF's virtual bits and biases)
+  model_state: Any  # non-trained model collections (BatchNorm statistics), updated in train mode
+
+
+class Algorithm(NamedTuple):
+  name: str
+  init: Callable[..., Any]
+  init_client: Callable[..., Any]
+  broadcast: Callable[..., Any]
+  client_start: Callable[..., LocalState]
+  model_params: Callable[..., Any]
+  client_finish: Callable[..., tuple]
+  aggregate: Callable[..., Any]
+  eval_variables: Callable[..., Any]
+
+
+def split_variables(variables: dict) -> tuple[Any, dict]:
+  """(params, model_state) of a Flax variables dict."""
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+  return variables["params"], model_state
+
+
+def weighted_mean(stacked: Any, weights: jax.Array) -> Any:
+  """sum_k weights[k] * tree[k] over the leading client axis of every leaf (weights sum to 1)."""
+  def one(x):
+    w = weights.reshape((-1,) + (1,) * (x.ndim - 1)).astype(jnp.float32)
+    return jnp.sum(w * x.astype(jnp.float32), axis=0).astype(x.dtype)
+  return jax.tree.map(one, stacked)

@@ -1,0 +1,214 @@
+"""FedBiF: Federated Bits Freezing (Algorithm 1 of the paper).
+
+Round t:
+1. broadcast - the server picks the round's active-bit mask S^t with the selector (Sec. 3.2),
+   quantizes every bit-trained leaf theta_l to m-bit integers with the step of Eq. 5 and the
+   stochastic rounding of Eq. 1-2, and sends the integers (m bpp), the step sizes, the mask and
+   the full-precision leaves (biases, BatchNorm).
+2. client_start - the client decomposes the integers into bits (Eq. 4) and applies virtual bits
+   inheritance once (VBI: keep its own |v|, take the sign from the received bit). Algorithm 1 as
+   extracted prints VBI inside the epoch loop; Sec. 3.2's prose applies it once on receipt, the
+   only reading under which later epochs keep what earlier epochs learned, so we apply it once.
+   With ``vbi=False`` (the ablation of Sec. 4.3) the magnitudes are drawn afresh each round.
+3. local training (shared engine) - SGD on the virtual bits through `bits.weights_from_bits`;
+   only the activated bits get gradients.
+4. client_finish - the client uploads the s activated bits per weight (s bpp) plus its
+   full-precision leaves, and keeps all its virtual bits for the next time it is selected.
+5. aggregate - Eq. 6 (`aggregate_bits`): the weighted mean of the clients' activated bits plus
+   the frozen bits the server already knows. Client weights are the paper's uniform 1/|C^t| or the
+   data shares p_k (Sec. 2.1), chosen by the engine. Full-precision leaves are averaged as FedAvg.
+
+With ``encoding="sign_magnitude"`` (the "with a sign bit" ablation) bit m-1 is a sign bit; Eq. 6
+no longer holds (the integer is not linear in the bits), so the server recovers each client's
+integers and averages them, the recovery the paper describes in Fig. 1 step 5.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+
+from fedbif_jax import bits as bits_lib
+from fedbif_jax import quant
+from fedbif_jax import selectors
+from fedbif_jax.algorithms import base
+from fedbif_jax.errors import ConfigError, check
+from fedbif_jax.wire import Bits
+
+
+def _check_client_weights(weights: jax.Array, num_clients: int) -> None:
+  if tuple(jnp.shape(weights)) != (num_clients,):
+    raise ValueError(f"weights: must have shape ({num_clients},) (one per client), "
+                     f"got {jnp.shape(weights)}")
+
+
+def _check_mask_count(active: jax.Array, s: int) -> None:
+  """The mask must mark exactly s bits (checked when its value is known, i.e. not under jit)."""
+  if not isinstance(active, jax.core.Tracer) and int(jnp.sum(active)) != s:
+    raise ValueError(f"active: must mark exactly s={s} bits (one per uploaded bit), "
+                     f"got {int(jnp.sum(active))}")
+
+
+def recover_client_bits(active_bits: jax.Array, frozen_bits: jax.Array,
+                        active: jax.Array) -> jax.Array:
+  """Each client's full bit tensor: its activated bits where active, the frozen bits elsewhere.
+
+  Args:
+    active_bits: [C, s, ...] 0/1, the clients' uploaded bits in ascending bit-index order.
+    frozen_bits: [m, ...] 0/1, the bits the server sent.
+    active: bool [m] with s True entries.
+  Returns:
+    [C, m, ...] float32 0/1.
+  """
+  s, m = active_bits.shape[1], frozen_bits.shape[0]
+  if active_bits.shape[2:] != frozen_bits.shape[1:]:
+    raise ValueError(f"active_bits: per-bit shape {active_bits.shape[2:]} does not match "
+                     f"frozen_bits {frozen_bits.shape[1:]}")
+  _check_mask_count(active, s)
+  idx = selectors.active_indices(active, s)
+  num_clients = active_bits.shape[0]
+  full = jnp.broadcast_to(frozen_bits.astype(jnp.float32)[None], (num_clients, m) + frozen_bits.shape[1:])
+  return full.at[:, idx].set(active_bits.astype(jnp.float32))
+
+
+def aggregate_bits(active_bits: jax.Array, frozen_bits: jax.Array, active: jax.Array,
+                   alpha: jax.Array, weights: jax.Array, m: int) -> jax.Array:
+  """Eq. 6: theta = alpha * (sum_k p_k sum_{i in S} 2^i b_{i,k} + sum_{j not in S} 2^j b_j - 2^(m-1)).
+
+  The paper prints p_k = 1/|C^t|; pass data shares for the weighted form of Sec. 2.1.
+
+  Args:
+    active_bits: [C, s, ...] 0/1 (any numeric dtype), client k's activated bits in ascending
+      bit-index order (as `selectors.active_indices` lists them).
+    frozen_bits: [m, ...] 0/1, the server's bits of the broadcast integers (offset binary, Eq. 4).
+    active: bool [m], the round's mask (s True entries).
+    alpha: float32 scalar > 0, the layer's step size.
+    weights: float32 [C], client weights summing to 1.
+    m: bit width.
+  Returns:
+    float32 [...], the aggregated layer.
+  """
+  m = quant.check_bits(m)
+  if frozen_bits.shape[0] != m:
+    raise ValueError(f"frozen_bits: leading axis must be m={m}, got shape {frozen_bits.shape}")
+  _check_client_weights(weights, active_bits.shape[0])
+  quant._check_alpha(alpha)
+  s = active_bits.shape[1]
+  _check_mask_count(active, s)
+  idx = selectors.active_indices(active, s)
+  w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (active_bits.ndim - 2))
+  pow2 = 2.0 ** idx.astype(jnp.float32)
+  mean_active = jnp.sum(w[:, None] * active_bits.astype(jnp.float32), axis=0)   # [s, ...]
+  active_part = jnp.tensordot(pow2, mean_active, axes=1)
+  frozen_pow2 = jnp.where(active, 0.0, 2.0 ** jnp.arange(m, dtype=jnp.float32))
+  frozen_part = jnp.tensordot(frozen_pow2, frozen_bits.astype(jnp.float32), axes=1)
+  return alpha * (active_part + frozen_part - 2.0 ** (m - 1))
+
+
+def aggregate_by_recovery(active_bits: jax.Array, frozen_bits: jax.Array, active: jax.Array,
+                          alpha: jax.Array, weights: jax.Array, m: int,
+                          encoding: str = "offset") -> jax.Array:
+  """Recover every client's integers (Fig. 1 step 5), dequantize and average (step 6).
+
+  Equal to `aggregate_bits` for offset binary (Eq. 6 is this, rearranged); the only way for
+  sign-magnitude. Shapes as in `aggregate_bits`.
+  """
+  _check_client_weights(weights, active_bits.shape[0])
+  full = recover_client_bits(active_bits, frozen_bits, active)
+  ints = jax.vmap(lambda b: quant.from_bits(b, m, encoding))(full).astype(jnp.float32)
+  w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (ints.ndim - 1))
+  return alpha * jnp.sum(w * ints, axis=0)
+
+
+def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
+  """FedBiF from a `config.fedbif` ConfigDict (bits, active_bits, selector, order, fixed_bits,
+  encoding, vbi). Validates it eagerly; raises ValueError naming the field."""
+  cfg = config.fedbif
+  encoding = cfg.get("encoding", "offset")
+  check(encoding in quant.ENCODINGS, "fedbif.encoding", f"one of {', '.join(quant.ENCODINGS)}",
+        encoding)
+  m = quant.check_bits(cfg.bits, "fedbif.bits", encoding)
+  s = selectors.check_active_bits(m, cfg.active_bits, "fedbif.active_bits")
+  name = cfg.get("selector", "sequential")
+  order = cfg.get("order", "msb_first")
+  check(name in selectors.SELECTORS, "fedbif.selector", f"one of {', '.join(selectors.SELECTORS)}",
+        name)
+  check(order in selectors.ORDERS, "fedbif.order", f"one of {', '.join(selectors.ORDERS)}", order)
+  if name == "sequential":
+    check(m % s == 0, "fedbif.active_bits",
+          f"a divisor of fedbif.bits={m} for the sequential selector", s)
+  fixed_bits: Sequence[int] | None = tuple(cfg.get("fixed_bits", ())) or None
+  try:
+    select = selectors.make_selector(name, m, s, order, fixed_bits)
+  except ValueError as e:  # the fixed selector's bits
+    raise ConfigError(f"fedbif.{'fixed_bits' if fixed_bits else 'active_bits'}: "
+                      f"{str(e).split(': ', 1)[1]}") from None
+  use_vbi = bool(cfg.get("vbi", True))
+
+  def init(key, variables):
+    del key
+    params, model_state = base.split_variables(variables)
+    return {"params": params, "model_state": model_state, "round": jnp.zeros((), jnp.int32)}
+
+  def init_client(key, variables):
+    return {"virtual_bits": bits_lib.init_virtual_bits(key, variables["params"], m, predicate)}
+
+  def broadcast(state, key):
+    k_select, k_round = jax.random.split(key)
+    weights, other = bits_lib.split_params(state["params"], predicate)
+    flat = traverse_util.flatten_dict(weights)
+    alphas, ints = {}, {}
+    for i, path in enumerate(sorted(flat)):
+      alphas[path] = quant.step_size(flat[path], m)
+      q = quant.quantize(flat[path], alphas[path], m, jax.random.fold_in(k_round, i), encoding)
+      ints[path] = Bits(q, jnp.asarray(m, jnp.int32))
+    return {"weights": traverse_util.unflatten_dict(ints),
+            "alpha": traverse_util.unflatten_dict(alphas),
+            "other": other, "model_state": state["model_state"],
+            "active": select(state["round"], k_select)}
+
+  def received_bits(downlink):
+    return jax.tree.map(lambda b: quant.to_bits(b.values, m, encoding), downlink["weights"],
+                        is_leaf=lambda x: isinstance(x, Bits))
+
+  def client_start(downlink, client_state, key):
+    received = received_bits(downlink)
+    own = client_state["virtual_bits"]
+    virtual = bits_lib.inherit(own, received) if use_vbi else bits_lib.reinitialize(key, own, received)
+    return base.LocalState(trainable={"virtual_bits": virtual, "other": downlink["other"]},
+                           model_state=downlink["model_state"])
+
+  def model_params(trainable, downlink):
+    weights = bits_lib.weights_from_bits(trainable["virtual_bits"], downlink["alpha"],
+                                         downlink["active"], m, encoding)
+    return bits_lib.merge_params(weights, trainable["other"])
+
+  def client_finish(downlink, client_state, local, key):
+    del client_state, key
+    idx = selectors.active_indices(downlink["active"], s)
+    hard = bits_lib.hard_bits(local.trainable["virtual_bits"])
+    uplink_bits = jax.tree.map(lambda b: Bits(b[idx], jnp.asarray(1, jnp.int32)), hard)
+    uplink = {"weights": uplink_bits, "other": local.trainable["other"],
+              "model_state": local.model_state}
+    return uplink, {"virtual_bits": local.trainable["virtual_bits"]}
+
+  def aggregate(state, downlink, uplinks, weights, client_metrics):
+    del client_metrics
+    frozen = received_bits(downlink)
+    fold = aggregate_bits if encoding == "offset" else (
+        lambda *a: aggregate_by_recovery(*a, encoding=encoding))
+    new_weights = jax.tree.map(
+        lambda up, fb, alpha: fold(up.values, fb, downlink["active"], alpha, weights, m),
+        uplinks["weights"], frozen, downlink["alpha"], is_leaf=lambda x: isinstance(x, Bits))
+    other = base.weighted_mean(uplinks["other"], weights)
+    return {"params": bits_lib.merge_params(new_weights, other),
+            "model_state": base.weighted_mean(uplinks["model_state"], weights),
+            "round": state["round"] + 1}
+
+  def eval_variables(state):
+    return {"params": state["params"], **state["model_state"]}
+
+  return base.Algorithm("fedbif", init, init_client, broadcast, client_start, model_params,
+                        client_finish, aggregate, eval_variables)

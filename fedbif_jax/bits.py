@@ -1,0 +1,196 @@
+"""Virtual bits: the client-side parameterisation of FedBiF (Sec. 3.1, 3.2).
+
+Every bit-trained leaf of a Flax params pytree (conv and dense kernels by default) is replaced on
+the client by ``m`` real-valued *virtual bits* of shape ``[m, *kernel.shape]``. The forward pass
+turns them into binary bits with a step function whose gradient is the identity
+(straight-through estimator, `ste_step`), rebuilds integers with Eq. 4 and weights with Eq. 3
+(`weights_from_bits`). Only the *activated* bits receive gradients; frozen bits are constants.
+
+A virtual-bit pytree is the params pytree *pruned* to its bit-trained leaves: the same nested
+dict keys, each kept leaf with a leading bit axis. `split_params` / `merge_params` move between a
+full params pytree and its (bit-trained, full-precision) halves.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Tuple
+
+import flax.traverse_util as traverse_util
+import jax
+import jax.numpy as jnp
+
+from fedbif_jax import quant
+
+Params = Mapping[str, Any]
+Path = Tuple[str, ...]
+Predicate = Callable[[Path, jax.Array], bool]
+
+
+def is_kernel(path: Path, leaf: jax.Array) -> bool:
+  """Default bit-trained predicate: conv and dense kernels (leaves named 'kernel', ndim >= 2)."""
+  return path[-1] == "kernel" and leaf.ndim >= 2
+
+
+def split_params(params: Params, predicate: Predicate = is_kernel) -> tuple[dict, dict]:
+  """Splits params into (bit-trained leaves, full-precision leaves), two pruned nested dicts."""
+  flat = traverse_util.flatten_dict(params)
+  bit = {k: v for k, v in flat.items() if predicate(k, v)}
+  full = {k: v for k, v in flat.items() if not predicate(k, v)}
+  return traverse_util.unflatten_dict(bit), traverse_util.unflatten_dict(full)
+
+
+def merge_params(*trees: Params) -> dict:
+  """Inverse of `split_params`: the union of disjoint pruned nested dicts."""
+  flat = {}
+  for tree in trees:
+    for key, value in traverse_util.flatten_dict(tree).items():
+      if key in flat:
+        raise ValueError(f"params: leaf {'/'.join(key)} appears in more than one tree")
+      flat[key] = value
+  return traverse_util.unflatten_dict(flat)
+
+
+@jax.custom_vjp
+def ste_step(v: jax.Array) -> jax.Array:
+  """Step h(v) = 1 where v > 0 else 0, with the straight-through gradient dh/dv = 1 (Sec. 3.1).
+
+  Args:
+    v: float array [...].
+  Returns:
+    float array [...] (v's dtype) of exact 0.0 / 1.0.
+  """
+  return (v > 0).astype(v.dtype)
+
+
+def _ste_fwd(v):
+  return ste_step(v), None
+
+
+def _ste_bwd(_, g):
+  return (g,)
+
+
+ste_step.defvjp(_ste_fwd, _ste_bwd)
+
+
+def fan_in(shape: tuple[int, ...]) -> int:
+  """Fan-in of a Flax kernel (conv HWIO or dense IO): the product of all but the last axis."""
+  return int(math.prod(shape[:-1])) if len(shape) > 1 else int(shape[0])
+
+
+def init_virtual_bits(key: jax.Array, params: Params, m: int,
+                      predicate: Predicate = is_kernel) -> dict:
+  """Kaiming-normal virtual bits for every bit-trained leaf (Alg. 1, "Clients initialize ...").
+
+  Args:
+    key: PRNG key.
+    params: a Flax params pytree (nested dicts of arrays).
+    m: bit width.
+    predicate: which leaves are bit-trained (default: conv and dense kernels).
+  Returns:
+    Pruned nested dict: each bit-trained leaf of shape S becomes float32 [m, *S] drawn from
+    N(0, 2 / fan_in(S)). Other leaves are absent.
+  """
+  m = quant.check_bits(m)
+  bit_params, _ = split_params(params, predicate)
+  flat = traverse_util.flatten_dict(bit_params)
+  keys = jax.random.split(key, max(len(flat), 1))
+  out = {}
+  for k_leaf, (path, leaf) in zip(keys, sorted(flat.items())):
+    std = math.sqrt(2.0 / fan_in(leaf.shape))
+    out[path] = std * jax.random.normal(k_leaf, (m,) + tuple(leaf.shape), jnp.float32)
+  return traverse_util.unflatten_dict(out)
+
+
+def _check_same_structure(a: Params, b: Params, name_a: str, name_b: str) -> None:
+  flat_a, flat_b = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
+  if flat_a.keys() != flat_b.keys():
+    raise ValueError(f"{name_b}: leaves {sorted('/'.join(k) for k in flat_b)} do not match "
+                     f"{name_a} leaves {sorted('/'.join(k) for k in flat_a)}")
+  for path in flat_a:
+    if tuple(flat_a[path].shape) != tuple(flat_b[path].shape):
+      raise ValueError(f"{name_b}: leaf {'/'.join(path)} has shape {tuple(flat_b[path].shape)}, "
+                       f"{name_a} has {tuple(flat_a[path].shape)}")
+
+
+# The magnitude given to a virtual bit that is exactly 0, so that its sign can carry a bit.
+_MIN_MAGNITUDE = 1e-6
+
+
+def inherit(virtual_bits: Params, received_bits: Params) -> dict:
+  """Virtual bits inheritance (VBI, Sec. 3.2): keep |v|, take the sign from the received bit.
+
+  v_new = |v| if b == 1 else -|v|, so that ste_step(v_new) == b exactly. A virtual bit that is
+  exactly 0 gets magnitude 1e-6 (a zero could not encode a 1).
+
+  Args:
+    virtual_bits: pruned nested dict of float [m, ...] (the client's own).
+    received_bits: the same structure, 0/1 arrays [m, ...] decoded from the downlink (Eq. 4).
+  Returns:
+    The inherited virtual bits, same structure, shapes and dtypes as `virtual_bits`.
+  """
+  _check_same_structure(virtual_bits, received_bits, "virtual_bits", "received_bits")
+
+  def one(v, b):
+    magnitude = jnp.maximum(jnp.abs(v), _MIN_MAGNITUDE)
+    return jnp.where(b > 0, magnitude, -magnitude).astype(v.dtype)
+
+  return jax.tree.map(one, virtual_bits, received_bits)
+
+
+def reinitialize(key: jax.Array, virtual_bits: Params, received_bits: Params) -> dict:
+  """The "without VBI" ablation (Sec. 4.3): fresh Kaiming magnitudes, signs from received bits."""
+  flat = traverse_util.flatten_dict(virtual_bits)
+  keys = jax.random.split(key, max(len(flat), 1))
+  fresh = {}
+  for k_leaf, (path, v) in zip(keys, sorted(flat.items())):
+    std = math.sqrt(2.0 / fan_in(v.shape[1:]))
+    fresh[path] = std * jax.random.normal(k_leaf, v.shape, v.dtype)
+  return inherit(traverse_util.unflatten_dict(fresh), received_bits)
+
+
+def _bit_weights(m: int, ndim: int) -> jax.Array:
+  return (2.0 ** jnp.arange(m, dtype=jnp.float32)).reshape((m,) + (1,) * ndim)
+
+
+def leaf_from_bits(v: jax.Array, alpha: jax.Array, active: jax.Array, m: int,
+                   encoding: str = "offset") -> jax.Array:
+  """One leaf of `weights_from_bits`: v float [m, ...] -> weights float [...]."""
+  if v.shape[0] != m:
+    raise ValueError(f"virtual_bits: leading axis must have length m={m}, got shape {v.shape}")
+  mask = jnp.asarray(active, bool).reshape((m,) + (1,) * (v.ndim - 1))
+  h = ste_step(v)
+  h = jnp.where(mask, h, jax.lax.stop_gradient(h))
+  w = _bit_weights(m, v.ndim - 1)
+  if encoding == "offset":
+    integer = jnp.sum(w * h, axis=0) - 2.0 ** (m - 1)
+  else:
+    integer = (1.0 - 2.0 * h[-1]) * jnp.sum(w[:-1] * h[:-1], axis=0)
+  return alpha * integer
+
+
+def weights_from_bits(virtual_bits: Params, alpha: Params, active: jax.Array, m: int,
+                      encoding: str = "offset") -> dict:
+  """Rebuilds weights alpha * (sum_i 2^i h(v_i) - 2^(m-1)) from virtual bits (Eq. 4, 3).
+
+  Gradients reach only the activated bits: for an active bit i,
+  dL/dv_i = alpha * 2^i * dL/dw (straight-through); frozen bits are `stop_gradient` constants.
+
+  Args:
+    virtual_bits: pruned nested dict of float32 [m, ...].
+    alpha: the same structure with float32 scalars (the layers' step sizes, Eq. 5).
+    active: bool [m], the selector's mask shared by all leaves.
+    m: bit width.
+    encoding: "offset" (the paper) or "sign_magnitude" (the sign-bit ablation).
+  Returns:
+    Pruned nested dict of float32 weights [...] (the bit axis removed).
+  """
+  quant.check_bits(m, encoding=encoding)
+  if tuple(jnp.shape(active)) != (m,):
+    raise ValueError(f"active: must be a bool mask of shape ({m},), got shape {jnp.shape(active)}")
+  return jax.tree.map(lambda v, a: leaf_from_bits(v, a, active, m, encoding), virtual_bits, alpha)
+
+
+def hard_bits(virtual_bits: Params) -> dict:
+  """The binary bits the virtual bits currently encode: uint8 [m, ...] per leaf."""
+  return jax.tree.map(lambda v: (v > 0).astype(jnp.uint8), virtual_bits)

@@ -1,0 +1,29 @@
+"""Data pipeline: dataset loading, client partitioning and batch schedules."""
+
+from fedbif_jax.data.batching import eval_batches
+from fedbif_jax.data.batching import round_batches
+from fedbif_jax.data.batching import steps_per_epoch
+from fedbif_jax.data.partition import describe_partition
+from fedbif_jax.data.partition import dirichlet_partition
+from fedbif_jax.data.partition import iid_partition
+from fedbif_jax.data.partition import partition
+from fedbif_jax.data.partition import PARTITIONS
+from fedbif_jax.data.sources import channel_stats
+from fedbif_jax.data.sources import Dataset
+from fedbif_jax.data.sources import load_dataset
+from fedbif_jax.data.sources import SOURCES
+
+__all__ = [
+    "PARTITIONS",
+    "SOURCES",
+    "Dataset",
+    "channel_stats",
+    "describe_partition",
+    "dirichlet_partition",
+    "eval_batches",
+    "iid_partition",
+    "load_dataset",
+    "partition",
+    "round_batches",
+    "steps_per_epoch",
+]

@@ -1,0 +1,87 @@
+"""What a run measures: test accuracy and loss, sparsity of the broadcast model, curves.
+
+* `make_evaluator` - accuracy and mean cross-entropy of the global model on the whole test set
+  (BatchNorm in eval mode), batch by batch with jitted calls (no while loop), one host transfer.
+* `sparsity` - the fraction of zero integers among the broadcast model's bit-trained weights
+  (Sec. 4.4: a FedBiF weight is pruned when all bits but the most significant are 0). For
+  full-precision payloads it is the fraction of exact zeros.
+* `plot_curves` - ``curves.png``: accuracy against round and against cumulative MB sent.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedbif_jax import data as data_lib
+from fedbif_jax.client import normalize
+from fedbif_jax.wire import Bits
+
+
+def make_evaluator(model, eval_variables: Callable, dataset, batch_size: int
+                   ) -> Callable[..., tuple[float, float]]:
+  """Returns evaluate(server_state) -> (accuracy, mean loss) over dataset's test split."""
+  x_test = jnp.asarray(dataset.x_test)
+  y_test = jnp.asarray(dataset.y_test)
+  idx, mask = data_lib.eval_batches(len(dataset.y_test), batch_size)
+  idx, mask = jnp.asarray(idx), jnp.asarray(mask)
+  mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
+
+  @jax.jit
+  def batch_stats(variables, x, y, batch_idx, batch_mask):
+    logits = model.apply(variables, normalize(x[batch_idx], mean, std), train=False)
+    labels = y[batch_idx]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.sum(correct * batch_mask), jnp.sum(loss * batch_mask)
+
+  to_variables = jax.jit(eval_variables)
+  total = float(len(dataset.y_test))
+
+  def evaluate(server_state) -> tuple[float, float]:
+    variables = to_variables(server_state)
+    correct, loss = jnp.zeros(()), jnp.zeros(())
+    for b in range(idx.shape[0]):
+      c, l = batch_stats(variables, x_test, y_test, idx[b], mask[b])
+      correct, loss = correct + c, loss + l
+    correct, loss = jax.device_get((correct, loss))
+    return float(correct) / total, float(loss) / total
+
+  return evaluate
+
+
+def sparsity(payload) -> float:
+  """Fraction of zero entries among ``payload["weights"]`` (integers of `Bits`, or floats)."""
+  leaves = jax.tree.leaves(payload["weights"], is_leaf=lambda x: isinstance(x, Bits))
+  zeros = total = 0
+  for leaf in leaves:
+    values = leaf.values if isinstance(leaf, Bits) else leaf
+    zeros += int(jnp.sum(values == 0))
+    total += values.size
+  return zeros / max(total, 1)
+
+
+def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
+  """Writes accuracy vs round and vs cumulative MB to `path` (PNG)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rounds = [r["round"] + 1 for r in rows]
+  acc = [r["test_accuracy"] for r in rows]
+  megabytes = [r["cumulative_bytes"] / 1e6 for r in rows]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  ax1.plot(rounds, acc)
+  ax1.set_xlabel("round")
+  ax1.set_ylabel("test accuracy")
+  ax2.plot(megabytes, acc)
+  ax2.set_xlabel("cumulative MB sent (up + down)")
+  for ax in (ax1, ax2):
+    ax.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

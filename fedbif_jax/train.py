@@ -1,0 +1,297 @@
+"""The round loop: `train_and_evaluate(config, workdir)`, the one place rounds happen.
+
+Per round t (all randomness derived from ``config.seed`` and t, so a resumed run replays the
+exact same rounds):
+
+1. sample clients (all of them, or ``clients_per_round`` uniformly without replacement);
+2. ``downlink = algorithm.broadcast(server_state, key_t)``;
+3. build the round's padded schedule on the host and run the clients with the backend of
+   `fedbif_jax/parallel.py`; client states persist per client id on the host;
+4. ``server_state = algorithm.aggregate(...)`` with uniform or data-size client weights;
+5. evaluate the global model on the whole test set; count the bits of the payloads that were
+   actually produced (`wire.count_bits`); append a line to ``metrics.jsonl``;
+6. every ``checkpoint_every`` rounds, write an orbax checkpoint (atomic: written to a temporary
+   directory and renamed), so a killed run resumes from its last complete checkpoint.
+
+The workdir holds ``config.json``, ``metrics.jsonl``, ``summary.json``, ``curves.png`` and
+``checkpoints/``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from fedbif_jax import bits as bits_lib
+from fedbif_jax import data as data_lib
+from fedbif_jax import metrics as metrics_lib
+from fedbif_jax import parallel
+from fedbif_jax import wire
+from fedbif_jax.algorithms import get_algorithm
+from fedbif_jax.client import TrainData, make_local_training
+from fedbif_jax.errors import ConfigError, check
+from fedbif_jax.models import get_model
+
+log = logging.getLogger("fedbif_jax")
+
+AGGREGATION_WEIGHTS = ("uniform", "data_size")
+
+
+class TrainingDiverged(RuntimeError):
+  """A round produced a NaN or infinite loss; the run stops and keeps its last checkpoint."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the engine's fields; raises ConfigError naming the first bad field."""
+  def positive_int(field, value, lo=1):
+    check(isinstance(value, int) and not isinstance(value, bool) and value >= lo, field,
+          f"an integer >= {lo}", value)
+
+  positive_int("rounds", config.rounds)
+  positive_int("num_clients", config.num_clients)
+  positive_int("local_epochs", config.local_epochs)
+  positive_int("batch_size", config.batch_size)
+  positive_int("eval_batch_size", config.eval_batch_size)
+  positive_int("checkpoint_every", config.checkpoint_every, lo=0)
+  positive_int("unroll", config.unroll)
+  cpr = config.clients_per_round
+  check(isinstance(cpr, int) and (cpr == 0 or 1 <= cpr <= config.num_clients), "clients_per_round",
+        f"0 (all) or an integer in 1..num_clients={config.num_clients}", cpr)
+  check(isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0, "lr",
+        "a finite number > 0", config.lr)
+  check(config.aggregation_weights in AGGREGATION_WEIGHTS, "aggregation_weights",
+        f"one of {', '.join(AGGREGATION_WEIGHTS)}", config.aggregation_weights)
+  parallel.resolve_backend(config.parallel)
+  check(config.data.source in data_lib.SOURCES, "data.source",
+        f"one of {', '.join(data_lib.SOURCES)}", config.data.source)
+  check(config.data.partition in data_lib.PARTITIONS, "data.partition",
+        f"one of {', '.join(data_lib.PARTITIONS)}", config.data.partition)
+  check(isinstance(config.data.mu, (int, float)) and config.data.mu > 0, "data.mu",
+        "a number > 0 (the Dirichlet concentration)", config.data.mu)
+  if config.data.source == "npz":
+    check(bool(config.data.path), "data.path", "the path of an .npz file (--config.data.path=...)",
+          config.data.path)
+
+
+def _sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
+  if per_round in (0, num_clients):
+    return np.arange(num_clients)
+  rng = np.random.default_rng([seed, 2, round_index])
+  return np.sort(rng.choice(num_clients, per_round, replace=False))
+
+
+def _pad_steps(idx: np.ndarray, mask: np.ndarray, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Pads a [C, S, B] schedule with masked steps to a fixed S, so shapes never change."""
+  pad = num_steps - idx.shape[1]
+  if pad > 0:
+    idx = np.concatenate([idx, np.zeros((idx.shape[0], pad, idx.shape[2]), idx.dtype)], axis=1)
+    mask = np.concatenate([mask, np.zeros((mask.shape[0], pad, mask.shape[2]), mask.dtype)], axis=1)
+  return idx, mask
+
+
+class _Store:
+  """Persistent client states on the host, keyed by client id, created on first selection."""
+
+  def __init__(self, init_client, variables, key):
+    self._init = jax.jit(init_client)
+    self._variables = variables
+    self._key = key
+    self.states: dict[int, Any] = {}
+
+  def gather(self, ids) -> Any:
+    for c in ids:
+      if int(c) not in self.states:
+        state = self._init(jax.random.fold_in(self._key, int(c)), self._variables)
+        self.states[int(c)] = jax.tree.map(np.asarray, jax.device_get(state))
+    return jax.tree.map(lambda *xs: np.stack(xs), *[self.states[int(c)] for c in ids])
+
+  def scatter(self, ids, stacked) -> None:
+    for i, c in enumerate(ids):
+      self.states[int(c)] = jax.tree.map(lambda x: x[i], stacked)
+
+
+def _read_metrics(path: str, upto_round: int) -> list[dict]:
+  """metrics.jsonl lines for rounds < upto_round (a torn last line is dropped)."""
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          break
+        if row["round"] < upto_round:
+          rows.append(row)
+  return rows
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _summary(rows: list[dict], config) -> dict:
+  accs = [r["test_accuracy"] for r in rows]
+  return {
+      "algorithm": config.algorithm,
+      "rounds": len(rows),
+      "final_accuracy": accs[-1],
+      "best_accuracy": max(accs),
+      "best_round": int(np.argmax(accs)),
+      "final_sparsity": rows[-1]["sparsity"],
+      "mean_uplink_bpp": float(np.mean([r["uplink_bpp"] for r in rows])),
+      "mean_downlink_bpp": float(np.mean([r["downlink_bpp"] for r in rows])),
+      "total_bytes": rows[-1]["cumulative_bytes"],
+      "total_uplink_bytes": rows[-1]["cumulative_uplink_bytes"],
+      "total_downlink_bytes": rows[-1]["cumulative_downlink_bytes"],
+  }
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) a federated training job; returns the summary dict.
+
+  Raises:
+    ConfigError: bad configuration (message names the field).
+    TrainingDiverged: a NaN/inf loss; the last good checkpoint is kept.
+  """
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  dataset = data_lib.load_dataset(
+      config.data.source, name=config.data.name, path=config.data.path,
+      data_dir=config.data.data_dir or None, train_subset=config.data.train_subset,
+      subset_seed=config.seed)
+  parts = data_lib.partition(config.data.partition, dataset.y_train, config.num_clients,
+                             np.random.default_rng(config.seed), mu=config.data.mu,
+                             min_size=config.data.min_size)
+  log.info("data %s: %d train / %d test; %s", dataset.name, len(dataset.y_train),
+               len(dataset.y_test), data_lib.describe_partition(parts, dataset.y_train,
+                                                               dataset.num_classes))
+  model = get_model(config.model.name, dataset.num_classes)
+  algorithm = get_algorithm(config)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  key = jax.random.key(config.seed)
+  k_model, k_server, k_clients, k_rounds = jax.random.split(key, 4)
+  sample = jnp.zeros((1,) + dataset.x_train.shape[1:], jnp.float32)
+  variables = jax.jit(lambda k: model.init(k, sample, train=False))(k_model)
+  num_weights = sum(x.size for x in jax.tree.leaves(bits_lib.split_params(variables["params"])[0]))
+  server_state = algorithm.init(k_server, variables)
+  store = _Store(algorithm.init_client, variables, k_clients)
+
+  local = make_local_training(algorithm, model, optax.sgd(config.lr), dataset.mean, dataset.std)
+  run_clients = parallel.make_runner(config.parallel, local, config.unroll)
+  broadcast = jax.jit(algorithm.broadcast)
+  aggregate = jax.jit(algorithm.aggregate)
+  evaluate = metrics_lib.make_evaluator(model, algorithm.eval_variables, dataset,
+                                        config.eval_batch_size)
+  train_data = TrainData(jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train))
+  sizes = np.array([len(p) for p in parts])
+  max_steps = config.local_epochs * data_lib.steps_per_epoch(int(sizes.max()), config.batch_size)
+
+  # Resume from the last complete checkpoint, if any.
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  start_round = 0
+  if manager.latest_step() is not None:
+    restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+    server_state = jax.tree.map(jnp.asarray, restored["server"])
+    store.states = {int(k): v for k, v in restored["clients"].items()}
+    start_round = int(manager.latest_step())
+    log.info("resumed from %s at round %d", ckpt_dir, start_round)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  rows = _read_metrics(metrics_path, start_round)
+  with open(metrics_path, "w") as f:  # drop rounds after the checkpoint
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+
+  cum_up = rows[-1]["cumulative_uplink_bytes"] if rows else 0.0
+  cum_down = rows[-1]["cumulative_downlink_bytes"] if rows else 0.0
+  t_start = time.time()
+  for t in range(start_round, config.rounds):
+    t_round = time.time()
+    round_key = jax.random.fold_in(k_rounds, t)
+    ids = _sample_clients(config.seed, t, config.num_clients, config.clients_per_round)
+    downlink = broadcast(server_state, jax.random.fold_in(round_key, 0))
+    idx, mask = data_lib.round_batches([parts[c] for c in ids], config.batch_size,
+                                       config.local_epochs, np.random.default_rng([config.seed, 1, t]))
+    idx, mask = _pad_steps(idx, mask, max_steps)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(round_key, 1),
+                                                           jnp.asarray(ids))
+    uplinks, new_states, client_metrics = run_clients(downlink, store.gather(ids), idx, mask,
+                                                      keys, train_data)
+    if config.aggregation_weights == "uniform":
+      weights = np.full(len(ids), 1.0 / len(ids), np.float32)
+    else:
+      weights = (sizes[ids] / sizes[ids].sum()).astype(np.float32)
+    new_server_state = aggregate(server_state, downlink, uplinks, jnp.asarray(weights),
+                                 client_metrics)
+    test_acc, test_loss = evaluate(new_server_state)
+    host_metrics = jax.device_get(client_metrics)
+    train_loss = float(host_metrics["loss_sum"].sum() / max(host_metrics["count"].sum(), 1.0))
+    if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+      manager.wait_until_finished()
+      raise TrainingDiverged(
+          f"round {t}: non-finite loss (train {train_loss}, test {test_loss}); stopped, the last "
+          f"checkpoint (round {manager.latest_step()}) in {ckpt_dir} is intact; try a smaller lr")
+    server_state = new_server_state
+    store.scatter(ids, new_states)
+
+    down = wire.count_bits(downlink)
+    up = wire.count_bits(uplinks)
+    cum_down += down.total_bits * len(ids) / 8
+    cum_up += up.total_bits / 8
+    row = {
+        "round": t,
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "train_loss": train_loss,
+        "uplink_bits": up.total_bits,
+        "downlink_bits": down.total_bits * len(ids),
+        "uplink_bpp": up.weight_bits / (num_weights * len(ids)),
+        "downlink_bpp": down.weight_bits / num_weights,
+        "uplink_total_bpp": up.total_bits / (num_weights * len(ids)),
+        "downlink_total_bpp": down.total_bits / num_weights,
+        "cumulative_uplink_bytes": cum_up,
+        "cumulative_downlink_bytes": cum_down,
+        "cumulative_bytes": cum_up + cum_down,
+        "sparsity": metrics_lib.sparsity(downlink),
+        "wall_seconds": time.time() - t_round,
+    }
+    rows.append(row)
+    with open(metrics_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    done = t + 1 - start_round
+    eta = (time.time() - t_start) / done * (config.rounds - t - 1)
+    log.info("round %d/%d  acc %.4f  loss %.4f  train %.4f  up %.3f bpp  down %.3f bpp  "
+                 "sent %.2f MB  sparsity %.3f  %.1fs  eta %s", t + 1, config.rounds, test_acc,
+                 test_loss, train_loss, row["uplink_bpp"], row["downlink_bpp"],
+                 (cum_up + cum_down) / 1e6, row["sparsity"], row["wall_seconds"], _format_eta(eta))
+    last = t + 1 == config.rounds
+    if config.checkpoint_every and ((t + 1) % config.checkpoint_every == 0 or last):
+      clients = {str(k): v for k, v in store.states.items() if jax.tree.leaves(v)}
+      manager.save(t + 1, args=ocp.args.StandardSave({"server": server_state, "clients": clients}))
+  manager.wait_until_finished()
+
+  summary = _summary(rows, config)
+  _write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+  metrics_lib.plot_curves(rows, os.path.join(workdir, "curves.png"), title=config.algorithm)
+  log.info("summary: %s", json.dumps(summary))
+  return summary

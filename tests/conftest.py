@@ -1,0 +1,37 @@
+"""Shared fixtures: small configs on the built-in digits that run in seconds."""
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from fedbif_jax.config import base_config  # noqa: E402
+
+
+def small_config(**overrides):
+  """FedBiF on digits with 4 clients and 2 short rounds; dotted keys override fields."""
+  c = base_config()
+  c.rounds = 2
+  c.num_clients = 4
+  c.local_epochs = 1
+  c.batch_size = 64
+  c.lr = 0.05
+  c.checkpoint_every = 0
+  for dotted, value in overrides.items():
+    node = c
+    *parents, leaf = dotted.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  c.lock()
+  return c
+
+
+@pytest.fixture
+def make_config():
+  return small_config
+
+
+SHARED_DATA = os.environ.get("FEDBIF_DATA_DIR", os.path.join(REPO, "..", "shared", "data"))

@@ -1,0 +1,222 @@
+"""The federated engine: local training with masks, parallel backends, client state, the round loop.
+
+Covers `fedbif_jax/client.py`, `parallel.py`, `algorithms/fedavg.py`, `algorithms/fedbif.py`
+(as algorithms) and `train.py` on the built-in digits.
+"""
+import json
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import small_config
+from fedbif_jax import data as data_lib
+from fedbif_jax import parallel
+from fedbif_jax.algorithms import get_algorithm
+from fedbif_jax.client import Batches, TrainData, make_local_training
+from fedbif_jax.errors import ConfigError
+from fedbif_jax.models import get_model
+from fedbif_jax.train import TrainingDiverged, train_and_evaluate
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data_lib.load_dataset("builtin", name="digits")
+
+
+class AvgPoolCNN(nn.Module):
+  """The small CNN with average instead of max pooling, for exact backend comparisons.
+
+  Max-pool gradients go to the window's argmax; a 1-ulp difference between two programs (vmap
+  batches the convolutions differently) can flip a near-tie and route a gradient elsewhere, a
+  legitimate subgradient choice that then grows over steps. Average pooling has no such ties.
+  """
+
+  @nn.compact
+  def __call__(self, x, train=False, mask=None):
+    for features in (8, 16):
+      x = nn.avg_pool(nn.relu(nn.Conv(features, (3, 3))(x)), (2, 2), strides=(2, 2))
+    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def _setup(digits, algorithm="fedbif", model=None, **kw):
+  config = small_config(algorithm=algorithm, **kw)
+  model = model or get_model("cnn", 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  algo = get_algorithm(config)
+  local = make_local_training(algo, model, optax.sgd(config.lr), digits.mean, digits.std)
+  server = algo.init(jax.random.key(1), variables)
+  data = TrainData(jnp.asarray(digits.x_train), jnp.asarray(digits.y_train))
+  return config, algo, local, server, variables, data
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedbif"])
+def test_fully_masked_step_changes_nothing(digits, algorithm):
+  _, algo, local, server, variables, data = _setup(digits, algorithm)
+  downlink = algo.broadcast(server, jax.random.key(2))
+  client_state = algo.init_client(jax.random.key(3), variables)
+  carry = local.start(downlink, client_state, jax.random.key(4))
+  batches = Batches(jnp.arange(64, dtype=jnp.int32).reshape(2, 32), jnp.zeros((2, 32)))
+  after = local.steps(downlink, carry, data, batches, jax.random.key(5), num_steps=2)
+  chex.assert_trees_all_equal(after._replace(step=carry.step), carry)
+  assert int(after.step) == 2
+
+
+def test_padded_examples_do_not_count(digits):
+  """A batch [a, b, c, d] with mask [1, 1, 0, 0] steps exactly like [a, b, a, b] unmasked."""
+  _, algo, local, server, variables, data = _setup(digits, "fedbif")
+  downlink = algo.broadcast(server, jax.random.key(2))
+  carry = local.start(downlink, algo.init_client(jax.random.key(3), variables), jax.random.key(4))
+  masked = Batches(jnp.array([[0, 1, 2, 3]], jnp.int32), jnp.array([[1.0, 1.0, 0.0, 0.0]]))
+  doubled = Batches(jnp.array([[0, 1, 0, 1]], jnp.int32), jnp.ones((1, 4)))
+  a = local.steps(downlink, carry, data, masked, jax.random.key(5), num_steps=1)
+  b = local.steps(downlink, carry, data, doubled, jax.random.key(5), num_steps=1)
+  chex.assert_trees_all_close(a.local, b.local, atol=1e-6)
+  assert float(a.count) == 2.0 and float(b.count) == 4.0
+  np.testing.assert_allclose(2 * float(a.loss_sum), float(b.loss_sum), rtol=1e-5)
+  changed = jax.tree.map(lambda x, y: bool(jnp.any(x != y)), a.local.trainable, carry.local.trainable)
+  assert any(jax.tree.leaves(changed)), "a real step must change the trainable leaves"
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedbif"])
+def test_backends_agree(digits, algorithm):
+  """sequential (unroll 1 and 3) and vmap give the same uplinks and client states (1e-5).
+
+  Two kinds of exact ties make backends legitimately pick different subgradients, after which
+  trajectories drift apart: max-pool near-ties, and ReLU at exactly 0 where FedBiF's integer
+  kernels cancel on the digits' constant background (float summation order then decides the
+  sign). The comparison therefore uses random pixels and average pooling.
+  """
+  rng = np.random.default_rng(0)
+  noisy = digits._replace(x_train=rng.integers(0, 256, digits.x_train.shape, dtype=np.uint8))
+  config, algo, local, server, variables, data = _setup(noisy, algorithm, model=AvgPoolCNN())
+  parts = data_lib.partition("dirichlet", digits.y_train, 3, np.random.default_rng(0), mu=0.5)
+  idx, mask = data_lib.round_batches(parts, 64, 2, np.random.default_rng(1))
+  assert len({int(m.sum()) for m in mask}) > 1, "clients of unequal size exercise the padding"
+  downlink = jax.jit(algo.broadcast)(server, jax.random.key(2))
+  states = jax.tree.map(lambda *x: np.stack(x), *[
+      jax.device_get(algo.init_client(jax.random.key(10 + c), variables)) for c in range(3)])
+  keys = jax.random.split(jax.random.key(3), 3)
+  results = {}
+  for name, unroll in [("sequential", 1), ("sequential", 3), ("vmap", 1)]:
+    run = parallel.make_runner(name, local, unroll)
+    results[(name, unroll)] = run(downlink, states, idx, mask, keys, data)
+  reference = results[("sequential", 1)]
+  for other in results.values():
+    chex.assert_trees_all_close(other[0], reference[0], atol=1e-5)
+    chex.assert_trees_all_close(other[1], reference[1], atol=1e-5)
+    chex.assert_trees_all_close(other[2], reference[2], rtol=1e-5)
+  weights = jnp.full((3,), 1 / 3)
+  new_server = jax.jit(algo.aggregate)(server, downlink, reference[0], weights, reference[2])
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_server["params"], server["params"])
+  assert all(jax.tree.leaves(changed))
+
+
+def test_fedavg_aggregates_weighted_mean(digits):
+  _, algo, _, server, _, _ = _setup(digits, "fedavg")
+  downlink = algo.broadcast(server, jax.random.key(0))
+  ups = [jax.tree.map(lambda x, k=k: x + k, downlink) for k in (1.0, 2.0, 4.0)]
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *ups)
+  new = algo.aggregate(server, downlink, stacked, jnp.array([0.5, 0.25, 0.25]), None)
+  expected = jax.tree.map(lambda x: x + 2.0, server["params"])  # 0.5*1 + 0.25*2 + 0.25*4
+  chex.assert_trees_all_close(new["params"], expected, atol=1e-6)
+
+
+def test_run_writes_metrics_summary_and_bits(tmp_path):
+  summary = train_and_evaluate(small_config(), str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["round"] for r in rows] == [0, 1]
+  for key in ("test_accuracy", "test_loss", "train_loss", "uplink_bits", "downlink_bits",
+              "cumulative_bytes", "sparsity", "wall_seconds"):
+    assert key in rows[0]
+  assert rows[0]["uplink_bpp"] == 1.0 and rows[0]["downlink_bpp"] == 4.0
+  assert rows[1]["cumulative_bytes"] == 2 * rows[0]["cumulative_bytes"]
+  assert 0.0 < rows[0]["sparsity"] < 1.0
+  assert summary["mean_uplink_bpp"] == 1.0 and summary["mean_downlink_bpp"] == 4.0
+  assert json.load(open(tmp_path / "summary.json")) == summary
+  assert os.path.getsize(tmp_path / "curves.png") > 1000
+  assert json.load(open(tmp_path / "config.json"))["fedbif"]["bits"] == 4
+
+
+def test_fedavg_run_is_32_bits_both_ways(tmp_path):
+  summary = train_and_evaluate(small_config(algorithm="fedavg", rounds=1), str(tmp_path))
+  assert summary["mean_uplink_bpp"] == 32.0 and summary["mean_downlink_bpp"] == 32.0
+
+
+def test_fedbif_bpp_follows_bits_and_active_bits(tmp_path):
+  summary = train_and_evaluate(small_config(rounds=1, fedbif__bits=8, fedbif__active_bits=2),
+                               str(tmp_path))
+  assert summary["mean_uplink_bpp"] == 2.0 and summary["mean_downlink_bpp"] == 8.0
+
+
+def test_client_state_persists_only_for_selected_clients(tmp_path, monkeypatch):
+  """With 2 of 5 clients per round, a client's virtual bits change only in rounds it trains."""
+  from fedbif_jax import train as train_lib
+  snapshots = []
+  original = train_lib._Store.scatter
+
+  def spy(self, ids, stacked):
+    before = {c: jax.tree.map(np.copy, s) for c, s in self.states.items()}
+    original(self, ids, stacked)
+    snapshots.append((set(int(i) for i in ids), before,
+                      {c: jax.tree.map(np.copy, s) for c, s in self.states.items()}))
+
+  monkeypatch.setattr(train_lib._Store, "scatter", spy)
+  train_and_evaluate(small_config(rounds=3, num_clients=5, clients_per_round=2), str(tmp_path))
+  assert all(len(sel) == 2 for sel, _, _ in snapshots)
+  assert len(set().union(*[sel for sel, _, _ in snapshots])) > 2, "sampling must vary by round"
+  for selected, before, after in snapshots:
+    for c in before:
+      same = all(jax.tree.leaves(jax.tree.map(np.array_equal, before[c], after[c])))
+      assert same == (c not in selected), (c, selected)
+
+
+def test_tfds_source_runs_through_the_engine(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=40):
+    summary = train_and_evaluate(
+        small_config(rounds=1, num_clients=2, data__source="tfds", data__name="mnist",
+                     data__min_size=1), str(tmp_path))
+  assert 0.0 <= summary["final_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(algorithm="fedsgd"), "algorithm"),
+    (dict(model__name="resnet9000"), "model.name"),
+    (dict(data__name="imagenet"), "data.name"),
+    (dict(data__source="ftp"), "data.source"),
+    (dict(data__partition="pathological"), "data.partition"),
+    (dict(data__mu=0.0), "data.mu"),
+    (dict(fedbif__bits=9), "fedbif.bits"),
+    (dict(fedbif__active_bits=0), "fedbif.active_bits"),
+    (dict(fedbif__active_bits=3), "fedbif.active_bits"),
+    (dict(num_clients=5000), "data.num_clients"),
+    (dict(data__source="npz", data__path="/nonexistent/cifar10.npz"), "data.path"),
+    (dict(clients_per_round=7), "clients_per_round"),
+    (dict(lr=-1.0), "lr"),
+    (dict(aggregation_weights="median"), "aggregation_weights"),
+    (dict(parallel="threads"), "parallel"),
+])
+def test_bad_config_names_the_field(tmp_path, overrides, field):
+  with pytest.raises(ConfigError) as info:
+    train_and_evaluate(small_config(**overrides), str(tmp_path))
+  message = str(info.value)
+  assert message.startswith(field + ":"), message
+  assert "\n" not in message
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+  train_and_evaluate(small_config(algorithm="fedavg", rounds=2, checkpoint_every=1), str(tmp_path))
+  with pytest.raises(TrainingDiverged, match="non-finite loss"):
+    train_and_evaluate(small_config(algorithm="fedavg", rounds=4, checkpoint_every=1, lr=1e30),
+                       str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+  # The kept checkpoint still resumes: the original lr finishes rounds 2-3 from it.
+  summary = train_and_evaluate(small_config(algorithm="fedavg", rounds=4, checkpoint_every=1),
+                               str(tmp_path))
+  assert summary["rounds"] == 4

@@ -1,0 +1,291 @@
+"""Tests for fedbif_jax.selectors: which bits are activated in a round (Sec. 3.2).
+
+Covers the paper's sequential selector (disjoint groups of s bits that together cover all m
+bits, msb_first / lsb_first order, traced round index under jit), the random selector
+(deterministic per key, exactly s bits, varies across keys), the fixed selector and its
+paper default (the third bit from the MSB, index m - 3), `make_selector`, `active_indices`, and
+the ValueErrors for bad s, m, order, bit lists and selector names.
+"""
+
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedbif_jax import selectors
+
+_FAST = settings(max_examples=30, deadline=None)
+
+
+def _active_set(mask):
+  mask = np.asarray(mask)
+  assert mask.dtype == np.bool_
+  return set(np.flatnonzero(mask).tolist())
+
+
+# ----------------------------------------------------------------------------- sequential
+
+
+def test_sequential_m4_s2_msb_first_alternates_1100_and_0011():
+  masks = [selectors.sequential(t, 4, 2) for t in range(6)]
+  for t, mask in enumerate(masks):
+    assert mask.shape == (4,) and mask.dtype == jnp.bool_
+    assert _active_set(mask) == ({2, 3} if t % 2 == 0 else {0, 1})
+  # Explicit masks indexed by bit i (weight 2^i).
+  np.testing.assert_array_equal(np.asarray(masks[0]), [False, False, True, True])
+  np.testing.assert_array_equal(np.asarray(masks[1]), [True, True, False, False])
+  assert _active_set(selectors.sequential(0, 4, 2, "msb_first")) == {2, 3}
+
+
+def test_sequential_m4_s2_lsb_first_is_the_reverse():
+  assert _active_set(selectors.sequential(0, 4, 2, "lsb_first")) == {0, 1}
+  assert _active_set(selectors.sequential(1, 4, 2, "lsb_first")) == {2, 3}
+  assert _active_set(selectors.sequential(2, 4, 2, "lsb_first")) == {0, 1}
+
+
+@pytest.mark.parametrize("order, expected", [("msb_first", [3, 2, 1, 0]),
+                                             ("lsb_first", [0, 1, 2, 3])])
+def test_sequential_m4_s1_visits_every_bit_once_in_4_rounds(order, expected):
+  seen = []
+  for t in range(4):
+    active = _active_set(selectors.sequential(t, 4, 1, order))
+    assert len(active) == 1
+    seen.extend(active)
+  assert seen == expected
+  # The cycle repeats.
+  assert _active_set(selectors.sequential(4, 4, 1, order)) == {expected[0]}
+  assert _active_set(selectors.sequential(7, 4, 1, order)) == {expected[3]}
+
+
+@pytest.mark.parametrize("m, s", [(8, 2), (8, 4), (6, 3), (8, 8), (1, 1), (5, 1)])
+@pytest.mark.parametrize("order", ["msb_first", "lsb_first"])
+def test_sequential_groups_are_disjoint_contiguous_and_cover_all_bits(m, s, order):
+  period = m // s
+  groups = [_active_set(selectors.sequential(t, m, s, order)) for t in range(period)]
+  covered = set()
+  for g in groups:
+    assert len(g) == s
+    assert max(g) - min(g) == s - 1          # consecutive bits
+    assert not covered & g                   # no overlap within a period
+    covered |= g
+  assert covered == set(range(m))
+  if order == "msb_first":
+    assert max(groups[0]) == m - 1
+  else:
+    assert min(groups[0]) == 0
+  # Periodic with period m / s.
+  for t in range(period, 2 * period + 1):
+    assert _active_set(selectors.sequential(t, m, s, order)) == groups[t % period]
+
+
+def test_sequential_accepts_a_traced_round_index_under_jit():
+  f = jax.jit(lambda t: selectors.sequential(t, 4, 2))
+  g = jax.jit(lambda t: selectors.sequential(t, 4, 1, "lsb_first"))
+  for t in range(5):
+    np.testing.assert_array_equal(np.asarray(f(jnp.int32(t))),
+                                  np.asarray(selectors.sequential(t, 4, 2)))
+    assert _active_set(g(jnp.asarray(t, jnp.int32))) == {t % 4}
+  assert _active_set(f(jnp.int32(0))) == {2, 3}
+  assert _active_set(f(jnp.int32(1))) == {0, 1}
+
+
+def test_sequential_under_lax_scan_over_rounds():
+  def body(carry, t):
+    return carry, selectors.sequential(t, 4, 1)
+  _, masks = jax.lax.scan(body, 0, jnp.arange(8, dtype=jnp.int32))
+  assert masks.shape == (8, 4)
+  assert [int(np.flatnonzero(mk)[0]) for mk in np.asarray(masks)] == [3, 2, 1, 0, 3, 2, 1, 0]
+
+
+# ----------------------------------------------------------------------------- random
+
+
+def test_random_is_deterministic_given_key_and_has_exactly_s_bits():
+  key = jax.random.PRNGKey(42)
+  a = selectors.random(key, 8, 3)
+  b = selectors.random(key, 8, 3)
+  assert a.shape == (8,) and a.dtype == jnp.bool_
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert len(_active_set(a)) == 3
+
+
+@_FAST
+@given(seed=st.integers(0, 2 ** 31 - 1), s=st.integers(1, 8))
+def test_random_has_exactly_s_distinct_bits_for_any_key(seed, s):
+  mask = selectors.random(jax.random.PRNGKey(seed), 8, s)
+  assert mask.shape == (8,)
+  assert int(np.asarray(mask).sum()) == s
+
+
+def test_random_differs_across_keys_and_covers_every_bit():
+  masks = [tuple(np.asarray(selectors.random(jax.random.PRNGKey(k), 8, 2)).tolist())
+           for k in range(20)]
+  assert len(set(masks)) > 5           # 28 possible masks; 20 keys give many distinct ones
+  assert np.any(np.asarray(masks), axis=0).all()   # every bit is picked by some key
+
+
+def test_random_under_jit_with_traced_key():
+  f = jax.jit(lambda k: selectors.random(k, 4, 2))
+  key = jax.random.PRNGKey(9)
+  np.testing.assert_array_equal(np.asarray(f(key)), np.asarray(selectors.random(key, 4, 2)))
+
+
+# ----------------------------------------------------------------------------- fixed
+
+
+def test_fixed_mask_has_exactly_the_given_bits():
+  mask = selectors.fixed(8, [5, 0])
+  assert mask.dtype == jnp.bool_ and mask.shape == (8,)
+  assert _active_set(mask) == {0, 5}
+  assert _active_set(selectors.fixed(4, (1,))) == {1}
+
+
+@pytest.mark.parametrize("m", [3, 4, 8])
+def test_fixed_third_bit_is_index_m_minus_3(m):
+  assert selectors.fixed_third_bit(m) == m - 3
+
+
+def test_fixed_third_bit_needs_m_at_least_3():
+  with pytest.raises(ValueError, match=r"^m: .*m >= 3"):
+    selectors.fixed_third_bit(2)
+
+
+@pytest.mark.parametrize("m", [3, 4, 8])
+def test_make_selector_fixed_default_is_the_third_bit_from_msb(m):
+  select = selectors.make_selector("fixed", m, 1)
+  for t in range(3):
+    mask = select(jnp.int32(t), jax.random.PRNGKey(t))
+    assert _active_set(mask) == {m - 3}
+
+
+def test_make_selector_fixed_default_with_s2_goes_downwards_from_the_third_bit():
+  select = selectors.make_selector("fixed", 8, 2)
+  assert _active_set(select(0, jax.random.PRNGKey(0))) == {5, 4}
+  select = selectors.make_selector("fixed", 4, 2)
+  assert _active_set(select(3, jax.random.PRNGKey(0))) == {1, 0}
+
+
+def test_make_selector_fixed_with_explicit_bits():
+  select = selectors.make_selector("fixed", 8, 2, fixed_bits=[7, 1])
+  assert _active_set(select(0, None)) == {1, 7}
+  with pytest.raises(ValueError, match=r"^fixed_bits: .*s=2"):
+    selectors.make_selector("fixed", 8, 2, fixed_bits=[7])
+
+
+@pytest.mark.parametrize("bad", [[], [4], [-1], [1, 1], [0, 8]])
+def test_fixed_rejects_bad_bit_lists(bad):
+  with pytest.raises(ValueError, match=r"^fixed_bits: .*0\.\.3"):
+    selectors.fixed(4, bad)
+
+
+# ----------------------------------------------------------------------------- make_selector
+
+
+def test_make_selector_sequential_and_random_match_the_functions():
+  seq = selectors.make_selector("sequential", 4, 2)
+  lsb = selectors.make_selector("sequential", 4, 2, order="lsb_first")
+  rnd = selectors.make_selector("random", 8, 3)
+  for t in range(4):
+    key = jax.random.PRNGKey(100 + t)
+    np.testing.assert_array_equal(np.asarray(seq(jnp.int32(t), key)),
+                                  np.asarray(selectors.sequential(t, 4, 2)))
+    np.testing.assert_array_equal(np.asarray(lsb(t, key)),
+                                  np.asarray(selectors.sequential(t, 4, 2, "lsb_first")))
+    np.testing.assert_array_equal(np.asarray(rnd(t, key)),
+                                  np.asarray(selectors.random(key, 8, 3)))
+
+
+def test_make_selector_select_works_under_jit():
+  select = selectors.make_selector("sequential", 8, 4)
+  f = jax.jit(select)
+  assert _active_set(f(jnp.int32(0), jax.random.PRNGKey(0))) == {4, 5, 6, 7}
+  assert _active_set(f(jnp.int32(1), jax.random.PRNGKey(0))) == {0, 1, 2, 3}
+
+
+# ----------------------------------------------------------------------------- active_indices
+
+
+def test_active_indices_are_ascending_int32():
+  idx = selectors.active_indices(jnp.asarray([False, True, False, True, True]), 3)
+  assert idx.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(idx), [1, 3, 4])
+  np.testing.assert_array_equal(np.asarray(selectors.active_indices(selectors.sequential(0, 4, 2), 2)),
+                                [2, 3])
+
+
+def test_active_indices_under_jit_has_static_size():
+  f = jax.jit(lambda mask: selectors.active_indices(mask, 2))
+  np.testing.assert_array_equal(np.asarray(f(jnp.asarray([True, False, False, True]))), [0, 3])
+  np.testing.assert_array_equal(np.asarray(f(jnp.asarray([False, True, True, False]))), [1, 2])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("s", [0, -1, 5, 2.0, True, "2"])
+def test_bad_active_bit_count_raises_naming_s_and_range(s):
+  for fn in (lambda: selectors.sequential(0, 4, s), lambda: selectors.random(jax.random.PRNGKey(0), 4, s),
+             lambda: selectors.make_selector("sequential", 4, s),
+             lambda: selectors.make_selector("random", 4, s),
+             lambda: selectors.make_selector("fixed", 4, s),
+             lambda: selectors.check_active_bits(4, s)):
+    with pytest.raises(ValueError, match=r"^s: .*1\.\.4") as info:
+      fn()
+    assert "\n" not in str(info.value)
+
+
+def test_check_active_bits_uses_the_given_field_name():
+  with pytest.raises(ValueError, match=r"^fedbif\.active_bits: .*1\.\.8.*got 9"):
+    selectors.check_active_bits(8, 9, "fedbif.active_bits")
+  assert selectors.check_active_bits(8, 8) == 8
+
+
+@pytest.mark.parametrize("m, s", [(4, 3), (8, 3), (8, 5), (6, 4)])
+def test_sequential_rejects_s_not_dividing_m(m, s):
+  with pytest.raises(ValueError, match=rf"^s: must divide the bit width m={m}"):
+    selectors.sequential(0, m, s)
+  with pytest.raises(ValueError, match=rf"^s: must divide the bit width m={m}"):
+    selectors.make_selector("sequential", m, s)
+
+
+def test_random_and_fixed_allow_s_not_dividing_m():
+  assert len(_active_set(selectors.random(jax.random.PRNGKey(0), 4, 3))) == 3
+  assert _active_set(selectors.make_selector("fixed", 8, 3)(0, None)) == {5, 4, 3}
+
+
+@pytest.mark.parametrize("m", [0, 9, 2.5])
+def test_selectors_reject_bad_m(m):
+  for fn in (lambda: selectors.sequential(0, m, 1), lambda: selectors.random(jax.random.PRNGKey(0), m, 1),
+             lambda: selectors.fixed(m, [0]), lambda: selectors.make_selector("sequential", m, 1)):
+    with pytest.raises(ValueError, match=r"^m: .*1\.\.8"):
+      fn()
+
+
+def test_bad_order_and_selector_name_raise():
+  with pytest.raises(ValueError, match=r"^order: .*msb_first.*lsb_first"):
+    selectors.sequential(0, 4, 2, "middle_out")
+  with pytest.raises(ValueError, match=r"^order: "):
+    selectors.make_selector("sequential", 4, 2, order="middle_out")
+  with pytest.raises(ValueError, match=r"^selector: .*sequential.*fixed.*random"):
+    selectors.make_selector("greedy", 4, 2)
+
+
+# ----------------------------------------------------------------- regressions of fixed bugs
+
+
+def test_make_selector_bad_fixed_bits_error_names_fixed_bits():
+  with pytest.raises(ValueError, match=r"^fixed_bits: .*0\.\.7"):
+    selectors.make_selector("fixed", 8, 1, fixed_bits=[9])
+
+
+def test_make_selector_fixed_default_that_does_not_fit_names_s():
+  with pytest.raises(ValueError, match=r"^(s|fixed_bits): "):
+    selectors.make_selector("fixed", 3, 2)
+
+
+def test_check_active_bits_accepts_numpy_integers_like_check_bits():
+  assert selectors.check_active_bits(4, np.int64(2)) == 2
+  assert _active_set(selectors.sequential(0, 4, np.int32(2))) == {2, 3}
