@@ -120,9 +120,9 @@ def make_local_training(algorithm: Algorithm, model: nn.Module, optimizer: optax
     return carry
 
   def finish(downlink, client_state, carry: Carry, key):
-    uplink, new_state = algorithm.client_finish(downlink, client_state, carry.local,
-                                                jax.random.fold_in(key, 2))
     metrics = {"loss_sum": carry.loss_sum, "count": carry.count}
+    uplink, new_state = algorithm.client_finish(downlink, client_state, carry.local,
+                                                jax.random.fold_in(key, 2), metrics)
     return uplink, new_state, metrics
 
   def client_update(downlink, client_state, batches: Batches, key, data: TrainData):

@@ -4,7 +4,7 @@ Per round t (all randomness derived from ``config.seed`` and t, so a resumed run
 exact same rounds):
 
 1. sample clients (all of them, or ``clients_per_round`` uniformly without replacement);
-2. ``downlink = algorithm.broadcast(server_state, key_t)``;
+2. ``downlink = algorithm.broadcast(server_state, key_t, info)``;
 3. build the round's padded schedule on the host and run the clients with the backend of
    `fedbif_jax/parallel.py`; client states persist per client id on the host;
 4. ``server_state = algorithm.aggregate(...)`` with uniform or data-size client weights;
@@ -39,6 +39,7 @@ from fedbif_jax import metrics as metrics_lib
 from fedbif_jax import parallel
 from fedbif_jax import wire
 from fedbif_jax.algorithms import get_algorithm
+from fedbif_jax.algorithms.base import RoundInfo
 from fedbif_jax.client import TrainData, make_local_training
 from fedbif_jax.errors import ConfigError, check
 from fedbif_jax.models import get_model
@@ -229,7 +230,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t_round = time.time()
     round_key = jax.random.fold_in(k_rounds, t)
     ids = _sample_clients(config.seed, t, config.num_clients, config.clients_per_round)
-    downlink = broadcast(server_state, jax.random.fold_in(round_key, 0))
+    if config.aggregation_weights == "uniform":
+      weights = np.full(len(ids), 1.0 / len(ids), np.float32)
+    else:
+      weights = (sizes[ids] / sizes[ids].sum()).astype(np.float32)
+    info = RoundInfo(jnp.asarray(weights), jnp.asarray(sizes[ids], jnp.float32))
+    downlink = broadcast(server_state, jax.random.fold_in(round_key, 0), info)
     idx, mask = data_lib.round_batches([parts[c] for c in ids], config.batch_size,
                                        config.local_epochs, np.random.default_rng([config.seed, 1, t]))
     idx, mask = _pad_steps(idx, mask, max_steps)
@@ -237,12 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                            jnp.asarray(ids))
     uplinks, new_states, client_metrics = run_clients(downlink, store.gather(ids), idx, mask,
                                                       keys, train_data)
-    if config.aggregation_weights == "uniform":
-      weights = np.full(len(ids), 1.0 / len(ids), np.float32)
-    else:
-      weights = (sizes[ids] / sizes[ids].sum()).astype(np.float32)
-    new_server_state = aggregate(server_state, downlink, uplinks, jnp.asarray(weights),
-                                 client_metrics)
+    new_server_state = aggregate(server_state, downlink, uplinks, info.weights, client_metrics)
     test_acc, test_loss = evaluate(new_server_state)
     host_metrics = jax.device_get(client_metrics)
     train_loss = float(host_metrics["loss_sum"].sum() / max(host_metrics["count"].sum(), 1.0))

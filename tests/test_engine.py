@@ -18,6 +18,7 @@ from conftest import small_config
 from fedbif_jax import data as data_lib
 from fedbif_jax import parallel
 from fedbif_jax.algorithms import get_algorithm
+from fedbif_jax.algorithms.base import RoundInfo
 from fedbif_jax.client import Batches, TrainData, make_local_training
 from fedbif_jax.errors import ConfigError
 from fedbif_jax.models import get_model
@@ -44,6 +45,10 @@ class AvgPoolCNN(nn.Module):
     return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
+def _info(num_clients):
+  return RoundInfo(jnp.full((num_clients,), 1.0 / num_clients), jnp.full((num_clients,), 100.0))
+
+
 def _setup(digits, algorithm="fedbif", model=None, **kw):
   config = small_config(algorithm=algorithm, **kw)
   model = model or get_model("cnn", 10)
@@ -58,7 +63,7 @@ def _setup(digits, algorithm="fedbif", model=None, **kw):
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedbif"])
 def test_fully_masked_step_changes_nothing(digits, algorithm):
   _, algo, local, server, variables, data = _setup(digits, algorithm)
-  downlink = algo.broadcast(server, jax.random.key(2))
+  downlink = algo.broadcast(server, jax.random.key(2), _info(3))
   client_state = algo.init_client(jax.random.key(3), variables)
   carry = local.start(downlink, client_state, jax.random.key(4))
   batches = Batches(jnp.arange(64, dtype=jnp.int32).reshape(2, 32), jnp.zeros((2, 32)))
@@ -70,7 +75,7 @@ def test_fully_masked_step_changes_nothing(digits, algorithm):
 def test_padded_examples_do_not_count(digits):
   """A batch [a, b, c, d] with mask [1, 1, 0, 0] steps exactly like [a, b, a, b] unmasked."""
   _, algo, local, server, variables, data = _setup(digits, "fedbif")
-  downlink = algo.broadcast(server, jax.random.key(2))
+  downlink = algo.broadcast(server, jax.random.key(2), _info(3))
   carry = local.start(downlink, algo.init_client(jax.random.key(3), variables), jax.random.key(4))
   masked = Batches(jnp.array([[0, 1, 2, 3]], jnp.int32), jnp.array([[1.0, 1.0, 0.0, 0.0]]))
   doubled = Batches(jnp.array([[0, 1, 0, 1]], jnp.int32), jnp.ones((1, 4)))
@@ -98,7 +103,7 @@ def test_backends_agree(digits, algorithm):
   parts = data_lib.partition("dirichlet", digits.y_train, 3, np.random.default_rng(0), mu=0.5)
   idx, mask = data_lib.round_batches(parts, 64, 2, np.random.default_rng(1))
   assert len({int(m.sum()) for m in mask}) > 1, "clients of unequal size exercise the padding"
-  downlink = jax.jit(algo.broadcast)(server, jax.random.key(2))
+  downlink = jax.jit(algo.broadcast)(server, jax.random.key(2), _info(3))
   states = jax.tree.map(lambda *x: np.stack(x), *[
       jax.device_get(algo.init_client(jax.random.key(10 + c), variables)) for c in range(3)])
   keys = jax.random.split(jax.random.key(3), 3)
@@ -119,7 +124,7 @@ def test_backends_agree(digits, algorithm):
 
 def test_fedavg_aggregates_weighted_mean(digits):
   _, algo, _, server, _, _ = _setup(digits, "fedavg")
-  downlink = algo.broadcast(server, jax.random.key(0))
+  downlink = algo.broadcast(server, jax.random.key(0), _info(3))
   ups = [jax.tree.map(lambda x, k=k: x + k, downlink) for k in (1.0, 2.0, 4.0)]
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *ups)
   new = algo.aggregate(server, downlink, stacked, jnp.array([0.5, 0.25, 0.25]), None)

@@ -5,16 +5,18 @@ The engine (`fedbif_jax/train.py`) calls them; it never looks inside the states 
 
   init(key, variables) -> server_state
   init_client(key, variables) -> client_state                 # persistent, per client id
-  broadcast(server_state, key) -> downlink                      # what the server sends
+  broadcast(server_state, key, info) -> downlink                # what the server sends
   client_start(downlink, client_state, key) -> LocalState       # the client's local model
   model_params(trainable, downlink) -> params                   # the Flax params to apply
-  client_finish(downlink, client_state, local, key) -> (uplink, client_state)
+  client_finish(downlink, client_state, local, key, stats) -> (uplink, client_state)
   aggregate(server_state, downlink, uplinks, weights, client_metrics) -> server_state
   eval_variables(server_state) -> variables                     # the global model to evaluate
 
 Local training between `client_start` and `client_finish` is the same for every algorithm (SGD on
 `LocalState.trainable`, see `fedbif_jax/client.py`), which composes them into
 ``client_update(downlink, client_state, batches, key) -> (uplink, client_state, metrics)``.
+`info` is the round's `RoundInfo` (what the server knows about the selected clients); `stats`
+holds the client's own ``loss_sum`` and ``count`` (examples processed this round, E * n_k).
 `uplinks` are the clients' uplinks stacked on a leading client axis; `weights` float32 [C] sum to 1.
 `variables` is a Flax variables dict: ``{"params": ..., **model_state}`` where the model state
 holds non-trained collections such as BatchNorm's ``batch_stats``.
@@ -30,6 +32,12 @@ import jax.numpy as jnp
 class LocalState(NamedTuple):
   trainable: Any    # what local SGD updates (weights, or FedBiF's virtual bits and biases)
   model_state: Any  # non-trained model collections (BatchNorm statistics), updated in train mode
+
+
+class RoundInfo(NamedTuple):
+  """What the server knows about the round's selected clients, in selection order."""
+  weights: jax.Array       # float32 [C], aggregation weights (uniform or data shares), sum 1
+  num_examples: jax.Array  # float32 [C], each client's number of training examples n_k
 
 
 class Algorithm(NamedTuple):

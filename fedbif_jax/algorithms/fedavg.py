@@ -27,8 +27,8 @@ def make(config=None, predicate=bits_lib.is_kernel) -> base.Algorithm:
     weights, other = bits_lib.split_params(params, predicate)
     return {"weights": weights, "other": other, "model_state": model_state}
 
-  def broadcast(state, key):
-    del key
+  def broadcast(state, key, info):
+    del key, info
     return payload(state["params"], state["model_state"])
 
   def client_start(downlink, client_state, key):
@@ -40,8 +40,8 @@ def make(config=None, predicate=bits_lib.is_kernel) -> base.Algorithm:
     del downlink
     return trainable
 
-  def client_finish(downlink, client_state, local, key):
-    del downlink, key
+  def client_finish(downlink, client_state, local, key, stats):
+    del downlink, key, stats
     return payload(local.trainable, local.model_state), client_state
 
   def aggregate(state, downlink, uplinks, weights, client_metrics):

@@ -155,7 +155,8 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   def init_client(key, variables):
     return {"virtual_bits": bits_lib.init_virtual_bits(key, variables["params"], m, predicate)}
 
-  def broadcast(state, key):
+  def broadcast(state, key, info):
+    del info
     k_select, k_round = jax.random.split(key)
     weights, other = bits_lib.split_params(state["params"], predicate)
     flat = traverse_util.flatten_dict(weights)
@@ -185,8 +186,8 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
                                          downlink["active"], m, encoding)
     return bits_lib.merge_params(weights, trainable["other"])
 
-  def client_finish(downlink, client_state, local, key):
-    del client_state, key
+  def client_finish(downlink, client_state, local, key, stats):
+    del client_state, key, stats
     idx = selectors.active_indices(downlink["active"], s)
     hard = bits_lib.hard_bits(local.trainable["virtual_bits"])
     uplink_bits = jax.tree.map(lambda b: Bits(b[idx], jnp.asarray(1, jnp.int32)), hard)
