@@ -9,7 +9,16 @@ Backends (``config.parallel``):
   slower than running them in turn. Fully padded steps are skipped on the host (they are no-ops).
 * ``vmap`` - one program for all clients of the round: `jax.vmap` over clients of a `lax.scan`
   over steps. Meant for GPU/TPU.
+* ``sharded`` - the vmap program split over a 1-D device mesh (axis ``"clients"``) with
+  `jax.shard_map`: each device runs its share of the clients. The round's client count is padded
+  to a multiple of the device count with fully masked dummy clients, whose outputs are dropped.
+  The training set is replicated on every device once (`Runner.place`).
 * ``auto`` - ``sequential`` on CPU, ``vmap`` elsewhere.
+
+Backends agree to float rounding, but a rounding difference can legitimately change a
+subgradient where a tie is exact: max-pool near-ties, and ReLU at exactly 0 (FedBiF's integer
+kernels can cancel exactly on constant image regions). Past such a tie, runs drift apart, so
+backend-equivalence tests use tie-free models and data (tests/test_engine.py).
 
 Every backend takes the round's client states stacked on the host (numpy, leading client axis),
 moves the round's schedule to the device once, and returns stacked uplinks (on the device),
@@ -17,7 +26,7 @@ the new client states (numpy, on the host) and per-client metrics.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +35,15 @@ import numpy as np
 from fedbif_jax.client import Batches, LocalTraining, TrainData
 from fedbif_jax.errors import check
 
-BACKENDS = ("auto", "sequential", "vmap")
+BACKENDS = ("auto", "sequential", "vmap", "sharded")
+CLIENT_AXIS = "clients"
 
-RunClients = Callable[..., tuple]
+
+class Runner(NamedTuple):
+  """run(downlink, client_states, idx, mask, keys, data) -> (uplinks, states, metrics);
+  place(data) puts the training set where `run` wants it (once per job)."""
+  run: Callable[..., tuple]
+  place: Callable[[TrainData], TrainData]
 
 
 def resolve_backend(name: str, platform: str | None = None) -> str:
@@ -60,8 +75,50 @@ def _stack(trees: list) -> Any:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def make_runner(backend: str, local: LocalTraining, unroll: int = 1) -> RunClients:
-  """Returns run(downlink, client_states, idx, mask, keys, data) -> (uplinks, states, metrics).
+def _pad_clients(multiple: int, client_states, idx, mask, keys):
+  """Pads the client axis to a multiple with copies of client 0 that have all-masked schedules."""
+  pad = (-idx.shape[0]) % multiple
+  if not pad:
+    return client_states, idx, mask, keys
+  rep = lambda x: np.concatenate([x, np.repeat(np.asarray(x[:1]), pad, axis=0)], axis=0)
+  client_states = jax.tree.map(rep, client_states)
+  idx = np.concatenate([idx, np.zeros((pad,) + idx.shape[1:], idx.dtype)])
+  mask = np.concatenate([mask, np.zeros((pad,) + mask.shape[1:], mask.dtype)])
+  keys = jnp.concatenate([keys, jnp.repeat(keys[:1], pad, axis=0)])
+  return client_states, idx, mask, keys
+
+
+def _make_sharded(local: LocalTraining) -> Runner:
+  devices = jax.devices()
+  mesh = jax.sharding.Mesh(np.array(devices), (CLIENT_AXIS,))
+  spec, replicated = jax.sharding.PartitionSpec(CLIENT_AXIS), jax.sharding.PartitionSpec()
+  per_device = jax.vmap(local.client_update, in_axes=(None, 0, 0, 0, None))
+  update = jax.jit(jax.shard_map(per_device, mesh=mesh,
+                                 in_specs=(replicated, spec, spec, spec, replicated),
+                                 out_specs=(spec, spec, spec), check_vma=False))
+  on_mesh = jax.sharding.NamedSharding(mesh, spec)
+  everywhere = jax.sharding.NamedSharding(mesh, replicated)
+  server = devices[0]
+
+  def run(downlink, client_states, idx, mask, keys, data: TrainData):
+    num_clients = idx.shape[0]
+    client_states, idx, mask, keys = _pad_clients(len(devices), client_states, idx, mask, keys)
+    put = lambda x: jax.device_put(x, on_mesh)
+    batches = Batches(put(idx), put(mask))
+    downlink = jax.device_put(downlink, everywhere)  # the broadcast itself
+    uplinks, states, metrics = update(downlink, jax.tree.map(put, client_states), batches,
+                                      put(keys), data)
+    # The uplinks reach the server (device 0), so that server-side code sees the same
+    # placement every round and is never recompiled.
+    to_server = lambda tree: jax.device_put(jax.tree.map(lambda x: x[:num_clients], tree), server)
+    return to_server(uplinks), _to_host(jax.tree.map(lambda x: x[:num_clients], states)), \
+        to_server(metrics)
+
+  return Runner(run, lambda data: jax.device_put(data, everywhere))
+
+
+def make_runner(backend: str, local: LocalTraining, unroll: int = 1) -> Runner:
+  """The `Runner` of a backend. Args of its ``run``:
 
   Args of run:
     downlink: the round's downlink pytree (on the device).
@@ -72,6 +129,9 @@ def make_runner(backend: str, local: LocalTraining, unroll: int = 1) -> RunClien
   """
   backend = resolve_backend(backend)
   check(isinstance(unroll, int) and unroll >= 1, "unroll", "an integer >= 1", unroll)
+  place = lambda data: jax.tree.map(jnp.asarray, data)
+  if backend == "sharded":
+    return _make_sharded(local)
 
   if backend == "vmap":
     update = jax.jit(jax.vmap(local.client_update, in_axes=(None, 0, 0, 0, None)))
@@ -82,7 +142,7 @@ def make_runner(backend: str, local: LocalTraining, unroll: int = 1) -> RunClien
                                         batches, keys, data)
       return uplinks, _to_host(states), metrics
 
-    return run_vmap
+    return Runner(run_vmap, place)
 
   start = jax.jit(local.start)
   steps = jax.jit(local.steps, static_argnames="num_steps")
@@ -109,4 +169,4 @@ def make_runner(backend: str, local: LocalTraining, unroll: int = 1) -> RunClien
     host_states = _to_host(_stack(states)) if states else client_states
     return _stack(uplinks), host_states, _stack(metrics)
 
-  return run_sequential
+  return Runner(run_sequential, place)

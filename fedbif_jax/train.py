@@ -199,12 +199,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   store = _Store(algorithm.init_client, variables, k_clients)
 
   local = make_local_training(algorithm, model, optax.sgd(config.lr), dataset.mean, dataset.std)
-  run_clients = parallel.make_runner(config.parallel, local, config.unroll)
+  runner = parallel.make_runner(config.parallel, local, config.unroll)
   broadcast = jax.jit(algorithm.broadcast)
   aggregate = jax.jit(algorithm.aggregate)
   evaluate = metrics_lib.make_evaluator(model, algorithm.eval_variables, dataset,
                                         config.eval_batch_size)
-  train_data = TrainData(jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train))
+  train_data = runner.place(TrainData(dataset.x_train, dataset.y_train))
   sizes = np.array([len(p) for p in parts])
   max_steps = config.local_epochs * data_lib.steps_per_epoch(int(sizes.max()), config.batch_size)
 
@@ -241,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     idx, mask = _pad_steps(idx, mask, max_steps)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(round_key, 1),
                                                            jnp.asarray(ids))
-    uplinks, new_states, client_metrics = run_clients(downlink, store.gather(ids), idx, mask,
+    uplinks, new_states, client_metrics = runner.run(downlink, store.gather(ids), idx, mask,
                                                       keys, train_data)
     new_server_state = aggregate(server_state, downlink, uplinks, info.weights, client_metrics)
     test_acc, test_loss = evaluate(new_server_state)

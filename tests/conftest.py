@@ -1,6 +1,14 @@
-"""Shared fixtures: small configs on the built-in digits that run in seconds."""
+"""Shared fixtures: small configs on the built-in digits that run in seconds.
+
+The test process sees 4 CPU devices (XLA_FLAGS, set before JAX starts) so that the sharded
+backend is tested without a GPU.
+"""
 import os
 import sys
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=4").strip()
 
 import pytest
 

@@ -90,7 +90,7 @@ def test_padded_examples_do_not_count(digits):
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedbif"])
 def test_backends_agree(digits, algorithm):
-  """sequential (unroll 1 and 3) and vmap give the same uplinks and client states (1e-5).
+  """sequential (unroll 1 and 3), vmap and sharded give the same uplinks and states (1e-5).
 
   Two kinds of exact ties make backends legitimately pick different subgradients, after which
   trajectories drift apart: max-pool near-ties, and ReLU at exactly 0 where FedBiF's integer
@@ -108,8 +108,9 @@ def test_backends_agree(digits, algorithm):
       jax.device_get(algo.init_client(jax.random.key(10 + c), variables)) for c in range(3)])
   keys = jax.random.split(jax.random.key(3), 3)
   results = {}
-  for name, unroll in [("sequential", 1), ("sequential", 3), ("vmap", 1)]:
-    run = parallel.make_runner(name, local, unroll)
+  assert jax.device_count() == 4, "conftest forces 4 host devices; 3 clients pad to 4"
+  for name, unroll in [("sequential", 1), ("sequential", 3), ("vmap", 1), ("sharded", 1)]:
+    run = parallel.make_runner(name, local, unroll).run
     results[(name, unroll)] = run(downlink, states, idx, mask, keys, data)
   reference = results[("sequential", 1)]
   for other in results.values():
@@ -225,3 +226,37 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
   summary = train_and_evaluate(small_config(algorithm="fedavg", rounds=4, checkpoint_every=1),
                                str(tmp_path))
   assert summary["rounds"] == 4
+
+
+@pytest.mark.parametrize("backend", ["sequential", "vmap", "sharded"])
+def test_no_retracing_after_the_first_round(tmp_path, monkeypatch, backend):
+  """Tracing runs the algorithm's Python functions; later rounds must reuse the compiled code,
+  even with partial participation over clients of unequal size."""
+  from fedbif_jax import train as train_lib
+  calls = {"traces": 0}
+
+  def counting(config, predicate=None):
+    algo = get_algorithm(config) if predicate is None else get_algorithm(config, predicate)
+
+    def counted(fn):
+      def wrapper(*args):
+        calls["traces"] += 1
+        return fn(*args)
+      return wrapper
+
+    return algo._replace(model_params=counted(algo.model_params),
+                         broadcast=counted(algo.broadcast), aggregate=counted(algo.aggregate))
+
+  monkeypatch.setattr(train_lib, "get_algorithm", counting)
+  overrides = dict(num_clients=6, clients_per_round=3, data__partition="dirichlet",
+                   parallel=backend)
+  train_and_evaluate(small_config(rounds=1, **overrides), str(tmp_path / "one"))
+  after_one_round = calls["traces"]
+  calls["traces"] = 0
+  train_and_evaluate(small_config(rounds=4, **overrides), str(tmp_path / "four"))
+  assert after_one_round > 0 and calls["traces"] == after_one_round
+
+
+def test_sharded_backend_runs_the_engine(tmp_path):
+  summary = train_and_evaluate(small_config(parallel="sharded", num_clients=3), str(tmp_path))
+  assert summary["mean_uplink_bpp"] == 1.0 and summary["rounds"] == 2
