@@ -1,0 +1,281 @@
+"""Round throughput of fedbif_jax against the machine's peak and a PyTorch FedAvg peer.
+
+Measures, in one process (so that ratios compare like with like on a shared machine):
+
+1. peak: a large jitted float32 matmul (GFLOP/s);
+2. ours: FedAvg and FedBiF-1/4 rounds (broadcast, all clients' local steps, aggregate) on random
+   CIFAR-shaped data, for the small CNN and ResNet-18, on every client-parallel backend;
+3. peer: FedAvg the way most FL papers simulate it, in PyTorch: one model, clients trained one
+   after another (load the global weights, SGD steps, keep a copy), then an average. Identical
+   CNN, data shapes, batch, steps and clients.
+
+FLOPs per local step come from XLA's compiled cost analysis of one jitted step (forward,
+backward, update), the same count used for PyTorch (identical model and batch).
+
+Usage:
+  python benchmarks/throughput.py --quick      # a few minutes on 2 CPU cores
+  python benchmarks/throughput.py              # more clients, steps and repeats
+PyTorch is optional (pip install torch==2.13.0); without it the peer column is skipped.
+The last line printed is one JSON object with the headline ratios. The report is written to
+docs/PERFORMANCE.md (``--out`` to change).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from fedbif_jax import parallel  # noqa: E402
+from fedbif_jax.algorithms import get_algorithm  # noqa: E402
+from fedbif_jax.algorithms.base import RoundInfo  # noqa: E402
+from fedbif_jax.client import Batches, TrainData, make_local_training  # noqa: E402
+from fedbif_jax.config import base_config  # noqa: E402
+from fedbif_jax.data import round_batches  # noqa: E402
+from fedbif_jax.models import MODELS, get_model  # noqa: E402
+
+MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
+STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
+def peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """Measured float32 matmul throughput: the machine's practical peak."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e9
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_ours(model_name: str, algorithm: str, backend: str, clients: int, per_client: int,
+               batch: int, epochs: int, rounds: int, x: np.ndarray, y: np.ndarray) -> dict:
+  """Times `rounds` rounds after one warm-up round (whose extra time is the compile time)."""
+  config = base_config()
+  config.algorithm = algorithm
+  config.lr = 0.05
+  model = get_model(model_name, 10)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(
+      jax.random.key(0))
+  algo = get_algorithm(config)
+  local = make_local_training(algo, model, optax.sgd(config.lr), MEAN, STD)
+  runner = parallel.make_runner(backend, local)
+  broadcast, aggregate = jax.jit(algo.broadcast), jax.jit(algo.aggregate)
+  data = runner.place(TrainData(x, y))
+  parts = [np.arange(c * per_client, (c + 1) * per_client) for c in range(clients)]
+  states = jax.tree.map(lambda *s: np.stack(s), *[
+      jax.device_get(algo.init_client(jax.random.key(c), variables)) for c in range(clients)])
+  server = algo.init(jax.random.key(1), variables)
+  info = RoundInfo(jnp.full((clients,), 1.0 / clients), jnp.full((clients,), float(per_client)))
+  keys = jax.random.split(jax.random.key(2), clients)
+  rng = np.random.default_rng(0)
+
+  def one_round(server, states):
+    idx, mask = round_batches(parts, batch, epochs, rng)
+    downlink = broadcast(server, jax.random.key(3), info)
+    uplinks, states, metrics = runner.run(downlink, states, idx, mask, keys, data)
+    server = aggregate(server, downlink, uplinks, info.weights, metrics)
+    jax.block_until_ready(server)
+    return server, states, idx.shape[1]
+
+  t = time.perf_counter()
+  server, states, steps = one_round(server, states)
+  first = time.perf_counter() - t
+  times = []
+  for _ in range(rounds):
+    t = time.perf_counter()
+    server, states, steps = one_round(server, states)
+    times.append(time.perf_counter() - t)
+  round_s = float(np.median(times))
+
+  carry = local.start(algo.broadcast(server, jax.random.key(3), info),
+                      jax.tree.map(lambda s: s[0], states), keys[0])
+  idx, mask = round_batches(parts[:1], batch, 1, rng)
+  step = jax.jit(local.steps, static_argnames="num_steps").lower(
+      algo.broadcast(server, jax.random.key(3), info), carry, data,
+      Batches(jnp.asarray(idx[0]), jnp.asarray(mask[0])), keys[0], num_steps=1).compile()
+  cost = step.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_per_step = float(cost.get("flops", 0.0)) if cost else 0.0
+  client_steps = clients * steps
+  return {
+      "model": model_name, "algorithm": algorithm, "backend": backend,
+      "round_s": round_s, "compile_s": max(first - round_s, 0.0),
+      "client_steps_per_s": client_steps / round_s,
+      "images_per_s": client_steps * batch / round_s,
+      "gflops_per_s": flops_per_step * client_steps / round_s / 1e9,
+      "flops_per_step": flops_per_step,
+  }
+
+
+def bench_torch(clients: int, per_client: int, batch: int, epochs: int, rounds: int,
+                x: np.ndarray, y: np.ndarray) -> dict | None:
+  """Sequential-client FedAvg in PyTorch with the identical small CNN."""
+  try:
+    import torch
+    from torch import nn
+  except ImportError:
+    return None
+  torch.manual_seed(0)
+  net = nn.Sequential(
+      nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+      nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+      nn.Flatten(), nn.Linear(4096, 128), nn.ReLU(), nn.Linear(128, 10))
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  yt = torch.from_numpy(y.astype(np.int64))
+  mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(STD).view(1, 3, 1, 1)
+  loss_fn = nn.CrossEntropyLoss()
+  rng = np.random.default_rng(0)
+  global_state = {k: v.clone() for k, v in net.state_dict().items()}
+
+  def one_round():
+    nonlocal global_state
+    states = []
+    for c in range(clients):
+      net.load_state_dict(global_state)
+      opt = torch.optim.SGD(net.parameters(), lr=0.05)
+      own = np.arange(c * per_client, (c + 1) * per_client)
+      for _ in range(epochs):
+        perm = rng.permutation(own)
+        for s in range(0, len(perm), batch):
+          idx = torch.from_numpy(perm[s:s + batch])
+          xb = (xt[idx].float() / 255.0 - mean) / std
+          opt.zero_grad()
+          loss_fn(net(xb), yt[idx]).backward()
+          opt.step()
+      states.append({k: v.clone() for k, v in net.state_dict().items()})
+    global_state = {k: torch.stack([s[k] for s in states]).mean(0) for k in global_state}
+
+  one_round()
+  times = []
+  for _ in range(rounds):
+    t = time.perf_counter()
+    one_round()
+    times.append(time.perf_counter() - t)
+  round_s = float(np.median(times))
+  steps = epochs * -(-per_client // batch)
+  return {"model": "cnn", "algorithm": "fedavg", "backend": f"torch {torch.__version__}",
+          "round_s": round_s, "client_steps_per_s": clients * steps / round_s,
+          "images_per_s": clients * steps * batch / round_s, "threads": torch.get_num_threads()}
+
+
+def write_report(path: str, args, peak: float, rows: list[dict], torch_row, headline: dict) -> None:
+  lines = [
+      "# Performance",
+      "",
+      f"Measured {datetime.date.today().isoformat()} by `python benchmarks/throughput.py"
+      f"{' --quick' if args.quick else ''}` on {cpu_model()}, {os.cpu_count()} cores, "
+      f"JAX {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device(s)).",
+      "",
+      f"Setup: {args.clients} clients x {args.per_client} random CIFAR-shaped images, batch "
+      f"{args.batch}, {args.epochs} local epoch(s); a round is broadcast + every client's local "
+      f"steps + aggregation; median of {args.rounds} timed rounds after one warm-up round. "
+      "GFLOP/s from XLA's compiled cost analysis of one local step.",
+      "",
+      f"Measured float32 matmul peak: **{peak:.1f} GFLOP/s**.",
+      "",
+      "| model | algorithm | backend | round s | compile s | client-steps/s | images/s | GFLOP/s | % of peak |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['algorithm']} | {r['backend']} | {r['round_s']:.2f} | "
+                 f"{r['compile_s']:.1f} | {r['client_steps_per_s']:.1f} | {r['images_per_s']:.0f} | "
+                 f"{r['gflops_per_s']:.1f} | {100 * r['gflops_per_s'] / peak:.0f}% |")
+  if torch_row:
+    lines.append(f"| cnn | fedavg | {torch_row['backend']} ({torch_row['threads']} threads), "
+                 f"sequential clients | {torch_row['round_s']:.2f} | - | "
+                 f"{torch_row['client_steps_per_s']:.1f} | {torch_row['images_per_s']:.0f} | - | - |")
+  lines += ["", f"Peak RSS of the benchmark process: {peak_rss_mb():.0f} MB.", "",
+            "Headline (last line of the benchmark's output):", "", "```json",
+            json.dumps(headline, indent=2), "```", ""]
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="a run of a few minutes")
+  parser.add_argument("--backends", default="", help="comma list (default: all that apply)")
+  parser.add_argument("--out", default="docs/PERFORMANCE.md")
+  args = parser.parse_args()
+  args.clients = 4 if args.quick else 10
+  args.per_client = 256 if args.quick else 500
+  args.batch, args.epochs = 64, 1
+  args.rounds = 2 if args.quick else 3
+  backends = [b for b in (args.backends.split(",") if args.backends else
+                          ["sequential", "vmap"] + (["sharded"] if jax.device_count() > 1 else []))]
+
+  rng = np.random.default_rng(0)
+  n = args.clients * args.per_client
+  x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+  y = rng.integers(0, 10, n).astype(np.int32)
+
+  peak = peak_gflops()
+  print(f"peak float32 matmul: {peak:.1f} GFLOP/s", flush=True)
+  rows = []
+  models = ["cnn"] + (["resnet18"] if "resnet18" in MODELS else [])
+  for model_name in models:
+    for algorithm in ("fedavg", "fedbif"):
+      for backend in backends:
+        if model_name != "cnn" and backend == "vmap" and args.quick:
+          continue  # vmap of ResNet-18 over clients is a GPU/TPU configuration
+        r = bench_ours(model_name, algorithm, backend, args.clients, args.per_client, args.batch,
+                       args.epochs, args.rounds, x, y)
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+  torch_row = bench_torch(args.clients, args.per_client, args.batch, args.epochs, args.rounds, x, y)
+  if torch_row:
+    print(json.dumps(torch_row), flush=True)
+
+  def best(model, algorithm):
+    cands = [r for r in rows if r["model"] == model and r["algorithm"] == algorithm]
+    return min(cands, key=lambda r: r["round_s"]) if cands else None
+
+  headline = {"peak_gflops": peak}
+  fedbif_cnn, fedavg_cnn = best("cnn", "fedbif"), best("cnn", "fedavg")
+  headline["fedbif_vs_fedavg"] = fedbif_cnn["round_s"] / fedavg_cnn["round_s"]
+  if torch_row:
+    headline["fedbif_vs_torch_fedavg"] = fedbif_cnn["round_s"] / torch_row["round_s"]
+    headline["fedavg_vs_torch_fedavg"] = fedavg_cnn["round_s"] / torch_row["round_s"]
+  r18 = best("resnet18", "fedbif")
+  if r18:
+    headline["resnet18_gflops_fraction_of_peak"] = r18["gflops_per_s"] / peak
+    headline["resnet18_fedavg_gflops_fraction_of_peak"] = best("resnet18", "fedavg")["gflops_per_s"] / peak
+  headline["peak_rss_mb"] = peak_rss_mb()
+  write_report(args.out, args, peak, rows, torch_row, headline)
+  print(json.dumps(headline))
+
+
+if __name__ == "__main__":
+  main()
