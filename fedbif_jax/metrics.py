@@ -85,3 +85,41 @@ def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def make_lipschitz_probe(model, eval_variables: Callable, input_shape, iterations: int = 50
+                         ) -> Callable[..., tuple[float, dict]]:
+  """Returns probe(server_state, key) -> (Lipschitz upper bound, last-layer histogram).
+
+  The bound is `lipschitz.lipschitz_upper_bound` (product of per-layer spectral norms, BN folded),
+  compiled once. The histogram (Fig. 5) is of the last conv/dense kernel in call order:
+  ``{"layer", "edges", "counts"}`` with 41 bins over [-max|w|, max|w|].
+  """
+  from fedbif_jax import lipschitz
+
+  example = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+
+  @jax.jit
+  def norms(server_state, key):
+    variables = eval_variables(server_state)
+    layers = lipschitz.linear_layers(model, variables, example)
+    return jnp.stack([lipschitz.spectral_norm(l.apply, (1,) + l.input_shape,
+                                              jax.random.fold_in(key, i), iterations)
+                      for i, l in enumerate(layers)])
+
+  def last_kernel(server_state):
+    variables = eval_variables(server_state)
+    path = lipschitz.linear_layers(model, variables, example)[-1].path
+    tree = variables["params"]
+    for name in path:
+      tree = tree[name]
+    return "/".join(path), np.asarray(tree["kernel"]).ravel()
+
+  def probe(server_state, key) -> tuple[float, dict]:
+    bound = float(np.prod(np.asarray(norms(server_state, key), np.float64)))
+    layer, w = last_kernel(server_state)
+    edge = float(np.abs(w).max()) or 1.0
+    counts, edges = np.histogram(w, bins=41, range=(-edge, edge))
+    return bound, {"layer": layer, "edges": edges.tolist(), "counts": counts.tolist()}
+
+  return probe

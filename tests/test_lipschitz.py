@@ -77,3 +77,15 @@ def test_cnn_bound_is_above_the_networks_local_gain():
     jac = jax.jacrev(lambda z: model.apply(variables, z.reshape(1, 8, 8, 1)).reshape(-1))(
         x.reshape(-1))
     assert np.linalg.svd(np.asarray(jac), compute_uv=False)[0] <= bound * (1 + 1e-4)
+
+
+def test_probe_matches_the_bound_and_histograms_the_last_layer():
+  from fedbif_jax.metrics import make_lipschitz_probe
+  model = get_model("cnn", 10)
+  variables = model.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+  probe = make_lipschitz_probe(model, lambda state: state, (8, 8, 1), iterations=100)
+  bound, histogram = probe(variables, jax.random.key(1))
+  expected, _ = lipschitz_upper_bound(model, variables, (8, 8, 1), jax.random.key(1), 100)
+  np.testing.assert_allclose(bound, expected, rtol=1e-5)
+  assert histogram["layer"] == "Dense_1"
+  assert sum(histogram["counts"]) == 128 * 10 and len(histogram["edges"]) == 42
