@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from fedbif_jax.errors import check
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.algorithm = "fedbif"           # fedavg | fedbif
+  c.algorithm = "fedbif"           # fedavg | fedbif | signsgd | fedpaq | feddq | dadaquant
   c.rounds = 30
   c.num_clients = 10
   c.clients_per_round = 0          # 0: all clients every round (the paper's setting)
@@ -22,8 +24,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.aggregation_weights = "uniform"  # uniform (Eq. 6 as printed) | data_size (p_k, Sec. 2.1)
   c.eval_batch_size = 1000
   c.checkpoint_every = 5           # rounds; 0 disables checkpoints
+  c.lipschitz_every = 0            # rounds; > 0: Lipschitz bound + last-layer histogram (Sec. 4.4)
+  c.lipschitz_iterations = 50      # power-iteration steps per layer
   c.parallel = "auto"              # auto | sequential | vmap (see fedbif_jax/parallel.py)
   c.unroll = 1                     # local steps per jitted call (sequential backend)
+  c.wire_check_every = 10          # rounds; every k-th round (t % k == 0) encode + decode the
+                                   # payloads and fail unless bytes and values match (0: never)
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"
@@ -34,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.path = ""                 # npz: path of the .npz file
   c.data.data_dir = ""             # tfds: data_dir of prepared data sets
   c.data.train_subset = 0          # > 0: a seeded random subset of the training set
+  c.data.test_subset = 0           # > 0: a seeded random subset of the test set (smoke runs)
+  c.data.normalization = "train_stats"  # train_stats (of the training set) | published (per data set)
+  c.data.augment = "none"          # none | crop_flip (random crop, 4-pixel padding, + horizontal flip)
   c.data.partition = "iid"         # iid | dirichlet
   c.data.mu = 0.5                  # Dirichlet concentration (dirichlet partition only)
   c.data.min_size = 10             # Dirichlet: redraw until every client has this many samples
@@ -46,4 +55,66 @@ def base_config() -> ml_collections.ConfigDict:
   c.fedbif.fixed_bits = ()         # fixed: bit indices; () = the paper's "third bit" (m - 3)
   c.fedbif.encoding = "offset"     # offset (Eq. 4) | sign_magnitude (the sign-bit ablation)
   c.fedbif.vbi = True              # virtual bits inheritance (False: the "without VBI" ablation)
+  c.fedbif.full_precision_first_last = False  # True: the first and last layers' kernels stay float32
+
+  # Baselines (fedbif_jax/algorithms/<name>.py): kernels compressed, biases and BatchNorm float32.
+  c.signsgd = ml_collections.ConfigDict()
+  c.signsgd.server_lr = 0.001      # eta: w <- w + eta * majority_vote, applied by server and clients
+  c.signsgd.tie_break = "random"   # sign(0) and tied votes: random (fair coin) | positive (+1)
+
+  c.fedpaq = ml_collections.ConfigDict()
+  c.fedpaq.bits = 4                # b, 2..8: update integers in [-(2^(b-1)-1), 2^(b-1)-1], b bpp up
+  c.fedpaq.norm = "max"            # quantizer scale: max (max|update|) | l2 (QSGD as in the paper)
+
+  c.feddq = ml_collections.ConfigDict()
+  c.feddq.resolution = 0.001       # bits = max(ceil(log2(range / resolution)), 2); 0.005 for ResNet-18
+  c.feddq.granularity = "tensor"   # tensor (official code) | model: one range for all kernels
+  c.feddq.rounding = "nearest"     # nearest (official code) | stochastic
+  c.feddq.max_bits = 16            # cap on the width, 2..16 (codes are uint16)
+
+  c.dadaquant = ml_collections.ConfigDict()
+  c.dadaquant.phi = 3              # double q when the loss EMA has not improved for phi rounds (~rounds/10)
+  c.dadaquant.psi = 0.9            # EMA factor of the training loss, [0, 1)
+  c.dadaquant.q_min = 1            # levels per sign at the start; bits = ceil(log2(2q + 1))
+  c.dadaquant.q_max = 32767        # cap on the levels (int16)
+  c.dadaquant.client_adaptive = True  # per-client q_i proportional to data share^(2/3)
+  return c
+
+
+def paper_config(arg, *, config_file: str, model: str, dataset: str, lr: float, rounds: int,
+                 augment: str) -> ml_collections.ConfigDict:
+  """The paper's setup (Sec. 4.1) for one data set, locked; ``arg == "smoke"`` shrinks it.
+
+  10 clients, all of them every round, batch 64, 5 local epochs, plain SGD, FedBiF with m=4, s=1,
+  tfds data with the published normalisation. The smoke variant: 2 clients x 16 images, 1 round
+  of 2 steps of 8, 32 test images, no checkpoints.
+  """
+  check(arg in (None, "", "smoke"), "config",
+        f"'' or 'smoke' (--config=configs/{config_file}:smoke)", arg)
+  c = base_config()
+  c.algorithm = "fedbif"
+  c.model.name = model
+  c.data.source = "tfds"
+  c.data.name = dataset
+  c.data.normalization = "published"
+  c.data.augment = augment
+  c.num_clients = 10
+  c.clients_per_round = 0
+  c.rounds = rounds
+  c.local_epochs = 5
+  c.batch_size = 64
+  c.lr = lr
+  c.fedbif.bits = 4
+  c.fedbif.active_bits = 1
+  if arg == "smoke":
+    c.num_clients = 2
+    c.rounds = 1
+    c.local_epochs = 1
+    c.batch_size = 8
+    c.data.train_subset = 32
+    c.data.test_subset = 32
+    c.data.min_size = 1
+    c.eval_batch_size = 32
+    c.checkpoint_every = 0
+  c.lock()
   return c

@@ -8,8 +8,11 @@ exact same rounds):
 3. build the round's padded schedule on the host and run the clients with the backend of
    `fedbif_jax/parallel.py`; client states persist per client id on the host;
 4. ``server_state = algorithm.aggregate(...)`` with uniform or data-size client weights;
-5. evaluate the global model on the whole test set; count the bits of the payloads that were
-   actually produced (`wire.count_bits`); append a line to ``metrics.jsonl``;
+5. evaluate the global model on the whole test set; count the bytes of the payloads that were
+   actually produced, as `wire.encode` would write them (`wire.encoded_size` for the downlink,
+   sent to every selected client; `wire.encoded_sizes` for each client's uplink), and the bpp
+   over the compressed weights (`wire.count_bits`); every ``wire_check_every`` rounds really
+   encode and decode them (`wire.verify`); append a line to ``metrics.jsonl``;
 6. every ``checkpoint_every`` rounds, write an orbax checkpoint (atomic: written to a temporary
    directory and renamed), so a killed run resumes from its last complete checkpoint.
 
@@ -41,8 +44,8 @@ from fedbif_jax import wire
 from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax.algorithms.base import RoundInfo
 from fedbif_jax.client import TrainData, make_local_training
-from fedbif_jax.errors import ConfigError, check
-from fedbif_jax.models import get_model
+from fedbif_jax.errors import check
+from fedbif_jax.models import MODELS, bit_trained_predicate, get_model
 
 log = logging.getLogger("fedbif_jax")
 
@@ -65,7 +68,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   positive_int("batch_size", config.batch_size)
   positive_int("eval_batch_size", config.eval_batch_size)
   positive_int("checkpoint_every", config.checkpoint_every, lo=0)
+  positive_int("lipschitz_every", config.lipschitz_every, lo=0)
+  positive_int("lipschitz_iterations", config.lipschitz_iterations)
   positive_int("unroll", config.unroll)
+  positive_int("wire_check_every", config.wire_check_every, lo=0)
   cpr = config.clients_per_round
   check(isinstance(cpr, int) and (cpr == 0 or 1 <= cpr <= config.num_clients), "clients_per_round",
         f"0 (all) or an integer in 1..num_clients={config.num_clients}", cpr)
@@ -76,6 +82,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   parallel.resolve_backend(config.parallel)
   check(config.data.source in data_lib.SOURCES, "data.source",
         f"one of {', '.join(data_lib.SOURCES)}", config.data.source)
+  check(config.model.name in MODELS, "model.name", f"one of {', '.join(sorted(MODELS))}",
+        config.model.name)
+  check(config.data.augment in data_lib.AUGMENTATIONS, "data.augment",
+        f"one of {', '.join(data_lib.AUGMENTATIONS)}", config.data.augment)
   check(config.data.partition in data_lib.PARTITIONS, "data.partition",
         f"one of {', '.join(data_lib.PARTITIONS)}", config.data.partition)
   check(isinstance(config.data.mu, (int, float)) and config.data.mu > 0, "data.mu",
@@ -121,6 +131,22 @@ class _Store:
     for i, c in enumerate(ids):
       self.states[int(c)] = jax.tree.map(lambda x: x[i], stacked)
 
+  def nbytes(self) -> int:
+    """Host memory held by the client states."""
+    return int(sum(x.nbytes for s in self.states.values() for x in jax.tree.leaves(s)))
+
+  def to_checkpoint(self) -> dict:
+    """All states stacked leaf-wise with their ids: a few large arrays, not one per client."""
+    ids = sorted(c for c, s in self.states.items() if jax.tree.leaves(s))
+    if not ids:
+      return {}
+    return {"ids": np.asarray(ids, np.int64), "states": self.gather(ids)}
+
+  def from_checkpoint(self, saved: dict) -> None:
+    self.states = {}
+    if saved:
+      self.scatter(np.asarray(saved["ids"]), saved["states"])
+
 
 def _read_metrics(path: str, upto_round: int) -> list[dict]:
   """metrics.jsonl lines for rounds < upto_round (a torn last line is dropped)."""
@@ -155,6 +181,8 @@ def _summary(rows: list[dict], config) -> dict:
       "final_sparsity": rows[-1]["sparsity"],
       "mean_uplink_bpp": float(np.mean([r["uplink_bpp"] for r in rows])),
       "mean_downlink_bpp": float(np.mean([r["downlink_bpp"] for r in rows])),
+      "mean_uplink_total_bpp": float(np.mean([r["uplink_total_bpp"] for r in rows])),
+      "mean_downlink_total_bpp": float(np.mean([r["downlink_total_bpp"] for r in rows])),
       "total_bytes": rows[-1]["cumulative_bytes"],
       "total_uplink_bytes": rows[-1]["cumulative_uplink_bytes"],
       "total_downlink_bytes": rows[-1]["cumulative_downlink_bytes"],
@@ -178,7 +206,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dataset = data_lib.load_dataset(
       config.data.source, name=config.data.name, path=config.data.path,
       data_dir=config.data.data_dir or None, train_subset=config.data.train_subset,
-      subset_seed=config.seed)
+      subset_seed=config.seed, test_subset=config.data.test_subset,
+      normalization=config.data.normalization)
   parts = data_lib.partition(config.data.partition, dataset.y_train, config.num_clients,
                              np.random.default_rng(config.seed), mu=config.data.mu,
                              min_size=config.data.min_size)
@@ -186,7 +215,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                len(dataset.y_test), data_lib.describe_partition(parts, dataset.y_train,
                                                                dataset.num_classes))
   model = get_model(config.model.name, dataset.num_classes)
-  algorithm = get_algorithm(config)
+  predicate = bit_trained_predicate(model, (1,) + dataset.x_train.shape[1:],
+                                    config.fedbif.full_precision_first_last)
+  algorithm = get_algorithm(config, predicate)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
@@ -194,14 +225,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   k_model, k_server, k_clients, k_rounds = jax.random.split(key, 4)
   sample = jnp.zeros((1,) + dataset.x_train.shape[1:], jnp.float32)
   variables = jax.jit(lambda k: model.init(k, sample, train=False))(k_model)
-  num_weights = sum(x.size for x in jax.tree.leaves(bits_lib.split_params(variables["params"])[0]))
-  server_state = algorithm.init(k_server, variables)
+  num_weights = sum(x.size for x in jax.tree.leaves(
+      bits_lib.split_params(variables["params"], predicate)[0]))
+  # The server's state lives on device 0, committed, so that its placement is the same before
+  # and after the first aggregation (a changed placement would recompile broadcast/aggregate).
+  server_device = jax.devices()[0]
+  server_state = jax.device_put(algorithm.init(k_server, variables), server_device)
   store = _Store(algorithm.init_client, variables, k_clients)
 
-  local = make_local_training(algorithm, model, optax.sgd(config.lr), dataset.mean, dataset.std)
+  local = make_local_training(algorithm, model, optax.sgd(config.lr), dataset.mean, dataset.std,
+                              augment=config.data.augment)
   runner = parallel.make_runner(config.parallel, local, config.unroll)
   broadcast = jax.jit(algorithm.broadcast)
   aggregate = jax.jit(algorithm.aggregate)
+  probe = (metrics_lib.make_lipschitz_probe(model, algorithm.eval_variables,
+                                            dataset.x_train.shape[1:], config.lipschitz_iterations)
+           if config.lipschitz_every else None)
   evaluate = metrics_lib.make_evaluator(model, algorithm.eval_variables, dataset,
                                         config.eval_batch_size)
   train_data = runner.place(TrainData(dataset.x_train, dataset.y_train))
@@ -214,14 +253,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_round = 0
   if manager.latest_step() is not None:
     restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
-    server_state = jax.tree.map(jnp.asarray, restored["server"])
-    store.states = {int(k): v for k, v in restored["clients"].items()}
+    server_state = jax.device_put(restored["server"], server_device)
+    store.from_checkpoint(restored["clients"])
     start_round = int(manager.latest_step())
     log.info("resumed from %s at round %d", ckpt_dir, start_round)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   rows = _read_metrics(metrics_path, start_round)
   with open(metrics_path, "w") as f:  # drop rounds after the checkpoint
     f.writelines(json.dumps(r) + "\n" for r in rows)
+  histograms_path = os.path.join(workdir, "histograms.jsonl")
+  if os.path.exists(histograms_path):
+    kept = _read_metrics(histograms_path, start_round)
+    with open(histograms_path, "w") as f:
+      f.writelines(json.dumps(h) + "\n" for h in kept)
 
   cum_up = rows[-1]["cumulative_uplink_bytes"] if rows else 0.0
   cum_down = rows[-1]["cumulative_downlink_bytes"] if rows else 0.0
@@ -257,25 +301,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     down = wire.count_bits(downlink)
     up = wire.count_bits(uplinks)
-    cum_down += down.total_bits * len(ids) / 8
-    cum_up += up.total_bits / 8
+    down_bytes = wire.encoded_size(downlink)            # one message, sent to each client
+    up_bytes = int(wire.encoded_sizes(uplinks).sum())   # one message per client
+    if config.wire_check_every and t % config.wire_check_every == 0:
+      wire.verify(downlink, "downlink")
+      for i in range(len(ids)):
+        wire.verify(wire.unstack(uplinks, i), f"uplink of client {int(ids[i])}")
+    cum_down += down_bytes * len(ids)
+    cum_up += up_bytes
     row = {
         "round": t,
         "test_accuracy": test_acc,
         "test_loss": test_loss,
         "train_loss": train_loss,
-        "uplink_bits": up.total_bits,
-        "downlink_bits": down.total_bits * len(ids),
+        "uplink_bits": 8 * up_bytes,
+        "downlink_bits": 8 * down_bytes * len(ids),
         "uplink_bpp": up.weight_bits / (num_weights * len(ids)),
         "downlink_bpp": down.weight_bits / num_weights,
-        "uplink_total_bpp": up.total_bits / (num_weights * len(ids)),
-        "downlink_total_bpp": down.total_bits / num_weights,
+        "uplink_total_bpp": 8 * up_bytes / (num_weights * len(ids)),
+        "downlink_total_bpp": 8 * down_bytes / num_weights,
         "cumulative_uplink_bytes": cum_up,
         "cumulative_downlink_bytes": cum_down,
         "cumulative_bytes": cum_up + cum_down,
         "sparsity": metrics_lib.sparsity(downlink),
+        "client_state_bytes": store.nbytes(),
         "wall_seconds": time.time() - t_round,
     }
+    if probe and (t % config.lipschitz_every == 0 or t + 1 == config.rounds):
+      row["lipschitz"], histogram = probe(server_state, jax.random.fold_in(round_key, 2))
+      with open(os.path.join(workdir, "histograms.jsonl"), "a") as f:
+        f.write(json.dumps({"round": t, **histogram}) + "\n")
     rows.append(row)
     with open(metrics_path, "a") as f:
       f.write(json.dumps(row) + "\n")
@@ -287,8 +342,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  (cum_up + cum_down) / 1e6, row["sparsity"], row["wall_seconds"], _format_eta(eta))
     last = t + 1 == config.rounds
     if config.checkpoint_every and ((t + 1) % config.checkpoint_every == 0 or last):
-      clients = {str(k): v for k, v in store.states.items() if jax.tree.leaves(v)}
-      manager.save(t + 1, args=ocp.args.StandardSave({"server": server_state, "clients": clients}))
+      manager.save(t + 1, args=ocp.args.StandardSave({"server": server_state,
+                                                       "clients": store.to_checkpoint()}))
   manager.wait_until_finished()
 
   summary = _summary(rows, config)

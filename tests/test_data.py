@@ -1,5 +1,6 @@
 """Tests for fedbif_jax.data: sources, client partitions and batch schedules."""
 
+import importlib.util
 import os
 
 from hypothesis import given
@@ -528,3 +529,114 @@ def test_eval_batches_hand_computed():
   assert mask.min() == 1
   idx, mask = data.eval_batches(0, 3)
   assert idx.shape == mask.shape == (0, 3)
+
+
+# ------------------------------------------------ normalisation and test subset
+
+
+def test_published_normalisation_by_dataset_name(tmp_path):
+  rng = np.random.default_rng(0)
+  path = _write_npz(tmp_path / "cifar10.npz", **_tiny_arrays(rng))
+  default = data.load_dataset("npz", path=path)
+  x = default.x_train.astype(np.float64) / 255
+  np.testing.assert_allclose(default.mean, x.mean(axis=(0, 1, 2)), rtol=1e-5)  # train_stats
+  ds = data.load_dataset("npz", path=path, normalization="published")
+  np.testing.assert_array_equal(ds.mean, np.float32([0.4914, 0.4822, 0.4465]))
+  np.testing.assert_array_equal(ds.std, np.float32([0.2470, 0.2435, 0.2616]))
+  ds = data.load_dataset("npz", path=path, name="svhn_cropped", normalization="published")
+  np.testing.assert_array_equal(ds.mean, np.float32([0.4496] * 3))
+  np.testing.assert_array_equal(ds.std, np.float32([0.1995] * 3))
+  ds = data.load_dataset("npz", path=path, name="cifar100", normalization="published")
+  np.testing.assert_array_equal(ds.std, np.float32([0.2673, 0.2564, 0.2762]))
+  message = _assert_config_error(
+      lambda: data.load_dataset("npz", path=path, name="tiny", normalization="published"),
+      "data.normalization")
+  assert "cifar10, cifar100, svhn_cropped" in message
+  _assert_config_error(lambda: data.load_dataset("npz", path=path, normalization="imagenet"),
+                       "data.normalization")
+  gray = _write_npz(tmp_path / "gray.npz", **_tiny_arrays(rng, gray=True))
+  _assert_config_error(lambda: data.load_dataset("npz", path=gray, name="cifar10",
+                                                 normalization="published"),
+                       "data.normalization")
+
+
+def test_test_subset_is_seeded_and_checked():
+  full = data.load_dataset("builtin")
+  a = data.load_dataset("builtin", test_subset=50, subset_seed=3)
+  b = data.load_dataset("builtin", test_subset=50, subset_seed=3)
+  c = data.load_dataset("builtin", test_subset=50, subset_seed=4)
+  assert a.x_test.shape == (50, 8, 8, 1) and len(a.y_test) == 50
+  np.testing.assert_array_equal(a.y_test, b.y_test)
+  assert not np.array_equal(a.x_test, c.x_test)
+  np.testing.assert_array_equal(a.x_train, full.x_train)  # the training set is untouched
+  matches = (a.x_test[:, None] == full.x_test[None]).all(axis=(2, 3, 4)).any(axis=1)
+  assert matches.all()
+  _assert_config_error(lambda: data.load_dataset("builtin", test_subset=361),
+                       "data.test_subset")
+
+
+def test_tfds_cifar100_mock_has_100_classes():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=8):
+    ds = data.load_dataset("tfds", name="cifar100", normalization="published")
+  assert ds.num_classes == 100 and ds.x_train.shape == (8, 32, 32, 3)
+  np.testing.assert_array_equal(ds.mean, np.float32([0.5071, 0.4865, 0.4409]))
+
+
+def test_tfds_misspelt_name_lists_the_paper_datasets(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  message = _assert_config_error(
+      lambda: data.load_dataset("tfds", name="cifar1o", data_dir=str(tmp_path)), "data.name")
+  assert "cifar10, cifar100, svhn_cropped" in message
+  assert "closest: cifar10" in message and message.endswith("got 'cifar1o'")
+
+
+def test_tfds_unprepared_without_tensorflow_says_what_to_install(tmp_path):
+  pytest.importorskip("tensorflow_datasets")
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("TensorFlow is installed: the loader would download and prepare instead")
+  message = _assert_config_error(
+      lambda: data.load_dataset("tfds", name="svhn_cropped", data_dir=str(tmp_path)),
+      "data.name")
+  assert "pip install tensorflow-cpu" in message
+
+
+# ------------------------------------------------------------ augmentation
+
+
+def _crop_candidates(image: np.ndarray, padding: int) -> np.ndarray:
+  """Every crop_flip output of one image: [2 * (2p + 1)^2, H, W, C], flip-major."""
+  h, w = image.shape[:2]
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  crops = [padded[dy:dy + h, dx:dx + w] for dy in range(2 * padding + 1)
+           for dx in range(2 * padding + 1)]
+  return np.stack(crops + [c[:, ::-1] for c in crops])
+
+
+def test_crop_flip_outputs_are_padded_crops_with_uniform_offsets_and_fair_flips():
+  import jax  # pylint: disable=g-import-not-at-top
+  image = (np.arange(64, dtype=np.uint8) + 1).reshape(8, 8, 1)  # all pixels distinct, no 0
+  batch = np.broadcast_to(image, (3000, 8, 8, 1))
+  out = np.asarray(data.random_crop_flip(jax.random.key(0), batch))
+  assert out.shape == batch.shape and out.dtype == np.uint8
+  candidates = _crop_candidates(image, 4)                       # [162, 8, 8, 1]
+  hits = (out[:, None] == candidates[None]).all(axis=(2, 3, 4))  # [3000, 162]
+  assert np.all(hits.sum(axis=1) == 1), "each output is exactly one crop (flipped or not)"
+  which = hits.argmax(axis=1)
+  flipped = which >= 81
+  assert 0.45 < flipped.mean() < 0.55
+  offsets = np.bincount(which % 81, minlength=81)
+  assert offsets.min() > 0 and offsets.max() < 3 * 3000 / 81  # all 81 offsets, none dominant
+  np.testing.assert_array_equal(
+      out, np.asarray(data.random_crop_flip(jax.random.key(0), batch)))  # a pure function of key
+  assert not np.array_equal(out, np.asarray(data.random_crop_flip(jax.random.key(1), batch)))
+
+
+def test_augment_batch_names():
+  import jax  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(np.asarray(data.augment_batch("none", jax.random.key(0), x)), x)
+  assert np.asarray(data.augment_batch("crop_flip", jax.random.key(0), x)).shape == x.shape
+  message = _assert_config_error(lambda: data.augment_batch("mixup", jax.random.key(0), x),
+                                 "data.augment")
+  assert "none, crop_flip" in message

@@ -260,3 +260,38 @@ def test_no_retracing_after_the_first_round(tmp_path, monkeypatch, backend):
 def test_sharded_backend_runs_the_engine(tmp_path):
   summary = train_and_evaluate(small_config(parallel="sharded", num_clients=3), str(tmp_path))
   assert summary["mean_uplink_bpp"] == 1.0 and summary["rounds"] == 2
+
+
+def test_many_clients_keep_state_on_host_and_device_memory_flat(tmp_path, monkeypatch):
+  """1000 clients, 10 per round: client states live on the host; what the device holds after a
+  round does not grow with the number of clients."""
+  from fedbif_jax import train as train_lib
+  device_bytes = {}
+  original = train_lib._Store.scatter
+
+  def record(self, ids, stacked):
+    original(self, ids, stacked)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(stacked))
+    device_bytes[len(self.states)] = sum(x.nbytes for x in jax.live_arrays())
+
+  monkeypatch.setattr(train_lib._Store, "scatter", record)
+  train_and_evaluate(small_config(rounds=2, num_clients=20, clients_per_round=10,
+                                  data__min_size=1), str(tmp_path / "few"))
+  few = max(device_bytes.values())
+  device_bytes.clear()
+  summary = train_and_evaluate(small_config(rounds=2, num_clients=1000, clients_per_round=10,
+                                            data__min_size=1, checkpoint_every=2),
+                               str(tmp_path / "many"))
+  many = max(device_bytes.values())
+  assert summary["rounds"] == 2 and max(device_bytes) == 20  # 20 distinct clients seen
+  assert many < 1.1 * few, (few, many)
+
+
+def test_lipschitz_and_histograms_every_k_rounds(tmp_path):
+  train_and_evaluate(small_config(rounds=3, lipschitz_every=2), str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert ["lipschitz" in r for r in rows] == [True, False, True]  # rounds 0, 2 (the last)
+  assert all(r["lipschitz"] > 0 for r in rows if "lipschitz" in r)
+  histograms = [json.loads(l) for l in open(tmp_path / "histograms.jsonl")]
+  assert [h["round"] for h in histograms] == [0, 2]
+  assert histograms[0]["layer"] == "Dense_1" and len(histograms[0]["counts"]) == 41

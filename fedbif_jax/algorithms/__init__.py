@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from fedbif_jax import bits as bits_lib
-from fedbif_jax.algorithms import base, fedavg, fedbif
+from fedbif_jax.algorithms import base, dadaquant, fedavg, fedbif, feddq, fedpaq, signsgd
 from fedbif_jax.errors import ConfigError, check
 
 ALGORITHMS = {
     "fedavg": fedavg.make,
     "fedbif": fedbif.make,
+    "signsgd": signsgd.make,
+    "fedpaq": fedpaq.make,
+    "feddq": feddq.make,
+    "dadaquant": dadaquant.make,
 }
 
 

@@ -1,5 +1,8 @@
-"""Data pipeline: dataset loading, client partitioning and batch schedules."""
+"""Data pipeline: dataset loading, client partitioning, batch schedules and augmentation."""
 
+from fedbif_jax.data.augment import augment_batch
+from fedbif_jax.data.augment import AUGMENTATIONS
+from fedbif_jax.data.augment import random_crop_flip
 from fedbif_jax.data.batching import eval_batches
 from fedbif_jax.data.batching import round_batches
 from fedbif_jax.data.batching import steps_per_epoch
@@ -11,12 +14,16 @@ from fedbif_jax.data.partition import PARTITIONS
 from fedbif_jax.data.sources import channel_stats
 from fedbif_jax.data.sources import Dataset
 from fedbif_jax.data.sources import load_dataset
+from fedbif_jax.data.sources import NORMALIZATIONS
 from fedbif_jax.data.sources import SOURCES
 
 __all__ = [
+    "AUGMENTATIONS",
+    "NORMALIZATIONS",
     "PARTITIONS",
     "SOURCES",
     "Dataset",
+    "augment_batch",
     "channel_stats",
     "describe_partition",
     "dirichlet_partition",
@@ -24,6 +31,7 @@ __all__ = [
     "iid_partition",
     "load_dataset",
     "partition",
+    "random_crop_flip",
     "round_batches",
     "steps_per_epoch",
 ]

@@ -13,14 +13,29 @@ three sources:
   ``[N, H, W, C]`` or ``[N, H, W]`` (a channel axis is added); labels are cast
   to int32 and ``num_classes`` is the largest label (train or test) plus one.
 * ``tfds``: a TensorFlow-Datasets dataset read through ``tfds.data_source``
-  (random access, no TensorFlow needed). The dataset must already be prepared
-  in ``array_record`` format under ``data_dir``; nothing is downloaded.
+  (random access; reading needs no TensorFlow). The name is a registered tfds
+  builder (the paper's: ``svhn_cropped``, ``cifar10``, ``cifar100``) or a data
+  set already prepared under ``data_dir``; a name that is neither lists the
+  paper's and the closest registered names. If a registered data set
+  is not yet prepared in ``array_record`` format under ``data_dir``, it is
+  downloaded and prepared there when TensorFlow is installed (tfds needs it to
+  prepare data: ``pip install tensorflow-cpu``, an optional extra); without
+  TensorFlow the error says what to install.
 
-Optionally a seeded random subset of the training set is kept
-(``train_subset``). ``mean``/``std`` are per-channel statistics of
-``x_train / 255`` computed on the training set actually returned.
+Optionally seeded random subsets of the training and test sets are kept
+(``train_subset``, ``test_subset``). ``mean``/``std`` (float32 [C], applied
+to ``x / 255``) follow ``normalization``:
+
+* ``train_stats``: the per-channel statistics of the training set actually
+  returned (after subsetting);
+* ``published``: fixed per-dataset constants (`PUBLISHED_STATS`), known for
+  ``svhn_cropped`` (one value for every channel, as the authors' framework),
+  ``cifar10`` and ``cifar100``; looked up by the dataset name, so an npz file
+  needs ``name`` set (or a file named e.g. ``cifar10.npz``).
 """
 
+import difflib
+import importlib.util
 import os
 from typing import Any, NamedTuple
 
@@ -30,6 +45,15 @@ from fedbif_jax.errors import ConfigError, check
 
 SOURCES = ("builtin", "npz", "tfds")
 BUILTIN_NAMES = ("digits",)
+NORMALIZATIONS = ("train_stats", "published")
+# (mean, std) per channel of x / 255: docs/REFERENCE_NOTES.md (the authors' framework).
+PUBLISHED_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4496, 0.4496, 0.4496), (0.1995, 0.1995, 0.1995)),
+}
+# The data sets of the paper, named in the error for a misspelt tfds name.
+PAPER_TFDS_NAMES = ("cifar10", "cifar100", "svhn_cropped")
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _TFDS_BATCH = 1024
 _STATS_CHUNK = 4096
@@ -43,14 +67,15 @@ class Dataset(NamedTuple):
   x_test: np.ndarray  # uint8 [M, H, W, C]
   y_test: np.ndarray  # int32 [M]
   num_classes: int
-  mean: np.ndarray  # float32 [C], per-channel mean of x_train / 255
-  std: np.ndarray  # float32 [C], per-channel std of x_train / 255
+  mean: np.ndarray  # float32 [C], per-channel mean of x / 255 (train set or published)
+  std: np.ndarray  # float32 [C], per-channel std of x / 255 (train set or published)
 
 
 def load_dataset(source: str, *, name: str = "", path: str = "",
                  split_train: str = "train", split_test: str = "test",
                  data_dir: str | None = None, train_subset: int = 0,
-                 subset_seed: int = 0) -> Dataset:
+                 subset_seed: int = 0, test_subset: int = 0,
+                 normalization: str = "train_stats") -> Dataset:
   """Loads a dataset from `source` (one of `SOURCES`).
 
   Args:
@@ -63,16 +88,25 @@ def load_dataset(source: str, *, name: str = "", path: str = "",
     data_dir: tfds data directory (None: the tfds default).
     train_subset: if > 0, keep a random subset of this many training examples
       (without replacement, drawn with ``subset_seed``, kept in dataset order).
-    subset_seed: seed for the training subset.
+    subset_seed: seed for the training subset (and, with a second stream, for
+      the test subset).
+    test_subset: if > 0, keep a random subset of this many test examples.
+    normalization: ``train_stats`` or ``published`` (see the module doc).
 
   Returns:
-    A `Dataset`; mean/std are computed after subsetting.
+    A `Dataset`; ``train_stats`` mean/std are computed after subsetting.
 
   Raises:
-    ConfigError: bad source, name, path, file content or subset size.
+    ConfigError: bad source, name, path, file content, subset size or
+      normalization.
   """
   check(source in SOURCES, "data.source", f"one of {', '.join(SOURCES)}",
         source)
+  check(normalization in NORMALIZATIONS, "data.normalization",
+        f"one of {', '.join(NORMALIZATIONS)}", normalization)
+  if normalization == "published" and name and (
+      source != "tfds" or name in _tfds_registered_names()):
+    _check_published(name)  # fail before reading the data (a misspelt name: data.name)
   if source == "builtin":
     name, arrays = _load_builtin(name)
   elif source == "npz":
@@ -81,7 +115,12 @@ def load_dataset(source: str, *, name: str = "", path: str = "",
     name, arrays = _load_tfds(name, split_train, split_test, data_dir)
   x_train, y_train, x_test, y_test, num_classes = arrays
   x_train, y_train = _subset(x_train, y_train, train_subset, subset_seed)
-  mean, std = channel_stats(x_train)
+  x_test, y_test = _subset(x_test, y_test, test_subset, [subset_seed, 1],
+                           field="data.test_subset", split="test")
+  if normalization == "published":
+    mean, std = published_stats(name, x_train.shape[-1])
+  else:
+    mean, std = channel_stats(x_train)
   return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean,
                  std)
 
@@ -102,11 +141,29 @@ def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
-def _subset(x: np.ndarray, y: np.ndarray, size: int,
-            seed: int) -> tuple[np.ndarray, np.ndarray]:
+def published_stats(name: str, channels: int) -> tuple[np.ndarray, np.ndarray]:
+  """The published per-channel (mean, std) of data set `name`, float32 [C]."""
+  _check_published(name)
+  mean, std = (np.asarray(v, np.float32) for v in PUBLISHED_STATS[name])
+  if channels != len(mean):
+    raise ConfigError(f"data.normalization: the published constants of {name} "
+                      f"have {len(mean)} channels, the images have {channels}")
+  return mean, std
+
+
+def _check_published(name: str) -> None:
+  check(name in PUBLISHED_STATS, "data.normalization",
+        f"train_stats for data set {name!r} (published constants exist for "
+        f"{', '.join(sorted(PUBLISHED_STATS))}; set data.name to one of them)",
+        "published")
+
+
+def _subset(x: np.ndarray, y: np.ndarray, size: int, seed,
+            field: str = "data.train_subset",
+            split: str = "training") -> tuple[np.ndarray, np.ndarray]:
   """Keeps a seeded random subset of `size` examples (all if size == 0)."""
-  check(0 <= size <= len(x), "data.train_subset",
-        f"0 (all) or a count in 1..{len(x)} (training set size)", size)
+  check(isinstance(size, (int, np.integer)) and 0 <= size <= len(x), field,
+        f"0 (all) or a count in 1..{len(x)} ({split} set size)", size)
   if size == 0:
     return x, y
   keep = np.sort(np.random.default_rng(seed).choice(len(x), size,
@@ -194,18 +251,64 @@ def _load_tfds(name: str, split_train: str, split_test: str,
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
-  """Opens one split; any failure becomes a one-line ConfigError."""
+  """Opens one split, preparing the data set first if needed and possible.
+
+  Reads prepared ``array_record`` data without TensorFlow. If the split cannot
+  be opened: an unregistered name is a one-line ConfigError listing the paper's
+  data sets and the closest registered names; a registered one is downloaded
+  and prepared when TensorFlow is installed, otherwise the error says to
+  ``pip install tensorflow-cpu``.
+  """
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConfigError("data.source: tfds needs tensorflow-datasets: pip install "
+                      "-r requirements.txt") from e
+  try:
     return tfds.data_source(name, split=split, data_dir=data_dir,
                             download=False)
   except Exception as e:  # pylint: disable=broad-except
-    reason = (str(e).strip().splitlines() or [""])[0][:160]
+    unavailable = _reason(e)
+  where = f"data_dir={data_dir!r}"
+  build = f"`tfds build {name} --file_format=array_record`"
+  registered = _tfds_registered_names()
+  if name not in registered:
+    close = difflib.get_close_matches(name, registered, n=3, cutoff=0.6)
+    hint = f" (closest: {', '.join(close)})" if close else ""
     raise ConfigError(
-        f"data.name: tfds dataset {name!r} split {split!r} is not available "
-        f"under data_dir={data_dir!r} ({type(e).__name__}: {reason}); prepare "
-        f"it first, e.g. `tfds build {name} --file_format=array_record` on a "
-        "machine with TensorFlow and internet") from e
+        f"data.name: must be a tfds data set: one of the paper's "
+        f"{', '.join(PAPER_TFDS_NAMES)} or another registered tfds name{hint}, "
+        f"or one already prepared under {where} with {build}, got {name!r}")
+  if importlib.util.find_spec("tensorflow") is None:
+    raise ConfigError(
+        f"data.name: tfds data set {name!r} split {split!r} cannot be read "
+        f"under {where} ({unavailable}); downloading and preparing it needs "
+        "TensorFlow: pip install tensorflow-cpu (an optional extra), or "
+        f"prepare it elsewhere with {build} and set data.data_dir")
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir,
+                            download=True,
+                            builder_kwargs={"file_format": "array_record"})
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(
+        f"data.name: tfds data set {name!r} split {split!r} could not be "
+        f"downloaded and prepared under {where} ({_reason(e)}); prepare it "
+        f"with {build} on a machine with TensorFlow and internet") from e
+
+
+def _reason(error: BaseException) -> str:
+  """``Type: first line of the message`` (160 characters at most)."""
+  line = (str(error).strip().splitlines() or [""])[0][:160]
+  return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def _tfds_registered_names() -> list[str]:
+  """The tfds builders registered in this installation (no network)."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return list(tfds.list_builders(with_community_datasets=False))
+  except Exception:  # pylint: disable=broad-except
+    return list(PAPER_TFDS_NAMES)
 
 
 def _read_records(source: Any, label: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,67 @@
+"""Layer helpers shared by the BatchNorm models (VGG11-lite, ResNet): init, conv, masked BatchNorm.
+
+Conventions, after the authors' framework (docs/REFERENCE_NOTES.md) and PyTorch's defaults:
+
+* Convolutions are followed by BatchNorm and carry no bias (a bias before BN is redundant). The
+  final linear layer keeps its bias, as in torchvision's ResNet; under FedBiF a bias is a
+  full-precision leaf and never bit-trained.
+* Kernels are He-normal: untruncated N(0, 2 / fan_in), as PyTorch's ``kaiming_normal_`` and as
+  the small CNN. (The authors' sibling repos draw N(0, 0.01); the FedBiF paper initialises the
+  virtual bits with Kaiming, so the weights use the same law.)
+* 3x3 convolutions pad one pixel on every side (PyTorch's ``padding=1``), not Flax's "SAME",
+  which pads a stride-2 conv on an even input only at the bottom/right.
+* BatchNorm: momentum 0.9 for the running averages (PyTorch's momentum 0.1), epsilon 1e-5,
+  scale 1 and bias 0 at init. In train mode it normalises with the batch's own statistics over
+  the *real* examples of the batch (``mask`` > 0): padded examples of the engine's fixed-shape
+  schedules (`fedbif_jax/data/batching.py`) neither enter the statistics nor the running
+  averages. Flax keeps the biased batch variance in the running average where PyTorch keeps the
+  unbiased one: a factor n / (n - 1) with n >= 1,024 values per channel at batch 64, i.e. < 0.1%.
+  In eval mode it uses the running statistics (for the global model: the server's average).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def conv3x3(features: int, strides: int = 1, name: Optional[str] = None) -> nn.Conv:
+  """A bias-free 3x3 convolution with one pixel of zero padding on every side (NHWC)."""
+  return nn.Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
+                 use_bias=False, kernel_init=he_normal, name=name)
+
+
+def conv1x1(features: int, strides: int = 1, name: Optional[str] = None) -> nn.Conv:
+  """A bias-free 1x1 convolution (the ResNet projection shortcut)."""
+  return nn.Conv(features, (1, 1), strides=(strides, strides), padding="VALID", use_bias=False,
+                 kernel_init=he_normal, name=name)
+
+
+def batch_norm(x: jax.Array, train: bool, mask: Optional[jax.Array],
+               name: Optional[str] = None) -> jax.Array:
+  """BatchNorm over all axes but the last; call from inside a compact method.
+
+  Args:
+    x: float32 [B, ..., C].
+    train: True: normalise with the statistics of the real examples of this batch and update
+      the running averages (``batch_stats`` must be mutable); False: use the running averages.
+    mask: float [B] (1 = real example, 0 = padding) or None (every example is real). Ignored
+      in eval mode. A batch whose mask is all zero has undefined (NaN) statistics; the engine
+      discards such steps whole.
+    name: the submodule's name.
+  Returns:
+    float32 [B, ..., C], normalised, scaled and shifted per channel.
+  """
+  bn = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                    name=name)
+  if train and mask is not None:
+    where = (jnp.asarray(mask) > 0).reshape((-1,) + (1,) * (x.ndim - 1))
+    return bn(x, mask=where)
+  return bn(x)

@@ -1,0 +1,188 @@
+"""Measured bits per parameter of every algorithm: runs them and writes a Markdown table.
+
+Every algorithm (fedavg, fedbif, signsgd, fedpaq, feddq, dadaquant) runs through
+`train_and_evaluate` on one config (default: the offline quickstart, digits) with its default
+section; the table reports what the ledger in each run's metrics.jsonl measured: final and best
+test accuracy, mean uplink / downlink bpp over the compressed weights (the paper's column), the
+same with every encoded byte (headers, scales, biases; our honest column), megabytes sent and wall
+time, then the per-round uplink bpp of FedDQ and DAdaQuant. ``--variant`` adds runs with their own
+overrides (by default a short-memory DAdaQuant, whose levels rise on the quickstart).
+
+The output file holds one section per ``--section`` (default: the config's file name), between
+HTML comment markers; a rerun replaces its own section and keeps the others.
+
+Usage:
+  python scripts/bpp_table.py --out=docs/BPP.md
+  python scripts/bpp_table.py --algorithms=dadaquant --set=dadaquant.psi=0.5 --out=/tmp/d.md
+  python scripts/bpp_table.py --config=configs/cifar10_cnn.py --data_path=../shared/data/cifar10.npz \
+      --rounds=2 --out=/tmp/bpp_cifar.md
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+
+from fedbif_jax.train import train_and_evaluate  # noqa: E402
+
+ALGORITHMS = ("fedavg", "fedbif", "signsgd", "fedpaq", "feddq", "dadaquant")
+TRENDS = ("feddq", "dadaquant")
+DEFAULT_VARIANTS = ("dadaquant:dadaquant.psi=0.3,dadaquant.phi=1",)
+
+
+def load_config(path: str):
+  spec = importlib.util.spec_from_file_location("experiment_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _override(config, item: str) -> None:
+  dotted, value = item.split("=", 1)
+  *parents, leaf = dotted.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = type(node[leaf])(json.loads(value) if value[:1] in "0123456789-[{tf" else value)
+
+
+def plan(args) -> list[tuple[str, str, list[str]]]:
+  """(label, algorithm, overrides) of every run."""
+  runs = [(name, name, []) for name in args.algorithms.split(",") if name]
+  for variant in (args.variant if args.variant is not None else DEFAULT_VARIANTS):
+    name, _, items = variant.partition(":")
+    overrides = [i for i in items.split(",") if i]
+    runs.append((f"{name} ({', '.join(overrides)})", name, overrides))
+  return runs
+
+
+def run(args) -> dict:
+  results = {}
+  for label, name, overrides in plan(args):
+    config = load_config(args.config)
+    config.unlock()
+    config.algorithm = name
+    config.checkpoint_every = 0
+    if args.rounds:
+      config.rounds = args.rounds
+    if args.data_path:
+      config.data.path = args.data_path
+    for item in list(args.set) + overrides:
+      _override(config, item)
+    config.lock()
+    workdir = os.path.join(args.workdir, label.replace(" ", "").replace("(", "_").replace(")", "")
+                           .replace(",", "_").replace("=", ""))
+    os.makedirs(workdir, exist_ok=True)
+    for stale in ("metrics.jsonl", "summary.json"):
+      if os.path.exists(os.path.join(workdir, stale)):
+        os.remove(os.path.join(workdir, stale))
+    start = time.time()
+    summary = train_and_evaluate(config, workdir)
+    wall = time.time() - start
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    results[label] = {"summary": summary, "rows": rows, "wall": wall, "algorithm": name}
+    print(f"{label}: acc {summary['final_accuracy']:.3f}  up {summary['mean_uplink_bpp']:.3f}  "
+          f"down {summary['mean_downlink_bpp']:.3f} bpp  {wall:.0f}s", flush=True)
+  return results
+
+
+def table(results: dict, args) -> str:
+  command = shlex.join(["python", "scripts/bpp_table.py"] + sys.argv[1:])
+  first = next(iter(results.values()))
+  lines = [
+      f"## {args.section}",
+      "",
+      f"Produced by `{command}` (jax {jax.__version__}, {platform.machine()} "
+      f"{jax.default_backend()}, {os.cpu_count()} CPU cores), config "
+      f"`{os.path.relpath(os.path.abspath(args.config), REPO)}`"
+      f"{' with ' + ', '.join(args.set) if args.set else ''}, {first['summary']['rounds']} rounds, "
+      "seed 0, every algorithm with its default config section (`fedbif_jax/config.py`) unless "
+      "its label says otherwise.",
+      "",
+      "*bpp* is the paper's column: bits sent for the compressed conv/dense kernels per kernel weight "
+      "(for a `Bits` payload exactly its width), averaged over rounds and clients. *total bpp* is "
+      "8 x the encoded bytes of the whole message (`wire.encode`: headers, shapes, step sizes, scales, "
+      "levels, biases and BatchNorm in float32) per kernel weight. *MB* is the sum over the run of "
+      "every uplink and every client's copy of the downlink.",
+      "",
+      "| algorithm | final acc | best acc | uplink bpp | downlink bpp | uplink total bpp | "
+      "downlink total bpp | MB sent | wall |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for name, r in results.items():
+    s = r["summary"]
+    lines.append(
+        f"| {name} | {s['final_accuracy']:.3f} | {s['best_accuracy']:.3f} | "
+        f"{s['mean_uplink_bpp']:.3f} | {s['mean_downlink_bpp']:.3f} | "
+        f"{s['mean_uplink_total_bpp']:.3f} | {s['mean_downlink_total_bpp']:.3f} | "
+        f"{s['total_bytes'] / 1e6:.2f} | {r['wall']:.0f} s |")
+  for label, r in results.items():
+    if r["algorithm"] not in TRENDS:
+      continue
+    bpp = [row["uplink_bpp"] for row in r["rows"]]
+    loss = [row["train_loss"] for row in r["rows"]]
+    lines += ["", f"Per-round uplink bpp of {label} (rounds 1..{len(bpp)}), and the round's mean "
+              "client training loss:", "", "```", "bpp  " + " ".join(f"{b:.2f}" for b in bpp),
+              "loss " + " ".join(f"{l:.3f}" for l in loss), "```"]
+  return "\n".join(lines) + "\n"
+
+
+def write_section(path: str, section: str, text: str) -> None:
+  """Replaces (or appends) `section` of the Markdown file at `path`, keeping the others."""
+  begin, end = f"<!-- bpp_table:{section} -->", f"<!-- /bpp_table:{section} -->"
+  block = f"{begin}\n{text}{end}\n"
+  old = open(path).read() if os.path.exists(path) else HEADER
+  if begin in old and end in old:
+    new = old[:old.index(begin)] + block + old[old.index(end) + len(end) + 1:]
+  else:
+    new = old.rstrip("\n") + "\n\n" + block
+  with open(path, "w") as f:
+    f.write(new)
+
+
+HEADER = """# Measured bits per parameter
+
+Written by `scripts/bpp_table.py`; each section below says the command that produced it.
+"""
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default=os.path.join(REPO, "configs", "quickstart.py"))
+  parser.add_argument("--data_path", default="", help="config.data.path (npz configs)")
+  parser.add_argument("--rounds", type=int, default=0, help="override config.rounds (0: keep)")
+  parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+  parser.add_argument("--set", action="append", default=[],
+                      help="config override applied to every algorithm, e.g. --set=lr=0.1")
+  parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bpp_table"))
+  parser.add_argument("--variant", action="append", default=None,
+                      help="ALGO:k=v,k=v, an extra run with its own overrides (repeatable); "
+                      f"default {' '.join(DEFAULT_VARIANTS)}; --variant= for none")
+  parser.add_argument("--section", default="", help="section of --out to (re)write "
+                      "(default: the config file's name)")
+  parser.add_argument("--out", default=os.path.join(REPO, "docs", "BPP.md"))
+  args = parser.parse_args(argv)
+  args.variant = [v for v in args.variant if v] if args.variant is not None else None
+  args.section = args.section or os.path.splitext(os.path.basename(args.config))[0]
+  logging.getLogger("fedbif_jax").setLevel(logging.WARNING)
+  results = run(args)
+  text = table(results, args)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  write_section(args.out, args.section, text)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,293 @@
+"""The baselines SignSGD, FedPAQ, FedDQ and DAdaQuant: hand-computed quantizers and aggregation,
+their config errors, and 2-round engine runs on the built-in digits with the wire check on."""
+import json
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import small_config
+from fedbif_jax.algorithms import dadaquant, feddq, fedpaq, get_algorithm, signsgd, updates
+from fedbif_jax.algorithms.base import LocalState, RoundInfo
+from fedbif_jax.errors import ConfigError
+from fedbif_jax.train import train_and_evaluate
+from fedbif_jax.wire import Bits
+
+
+def _tiny_variables():
+  """A two-leaf "model": one kernel [2, 3] and one bias [3]."""
+  return {"params": {"Dense_0": {"kernel": jnp.array([[0.5, -0.5, 1.0], [0.0, 2.0, -1.0]]),
+                                 "bias": jnp.array([0.1, 0.2, 0.3])}}}
+
+
+def _stack(*trees):
+  return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+# ----------------------------------------------------------------------------- SignSGD
+
+
+def test_majority_vote_of_three_clients():
+  bits = jnp.array([[1, 0, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1]], jnp.uint8)   # 1 means +1
+  # sums: +1+1-1 = 1, -1+1-1 = -1, +1-1+1 = 1, -1-1+1 = -1
+  np.testing.assert_array_equal(signsgd.majority_vote(bits, None, "positive"), [1, 0, 1, 0])
+
+
+def test_sign_bits_zero_and_ties():
+  x = jnp.array([0.3, -2.0, 0.0])
+  np.testing.assert_array_equal(signsgd.sign_bits(x, None, "positive"), [1, 0, 1])
+  zeros = signsgd.sign_bits(jnp.zeros(10000), jax.random.key(0), "random")
+  assert 0.47 < float(jnp.mean(zeros)) < 0.53            # a fair coin, no drift
+  tied = jnp.array([[1] * 1000, [0] * 1000], jnp.uint8)    # two clients disagree everywhere
+  assert 0.45 < float(jnp.mean(signsgd.majority_vote(tied, jax.random.key(1), "random"))) < 0.55
+  np.testing.assert_array_equal(signsgd.majority_vote(tied, None, "positive"), 1)
+
+
+def test_signsgd_round_keeps_clients_and_server_identical():
+  algo = get_algorithm(small_config(algorithm="signsgd", num_clients=3, signsgd__server_lr=0.25,
+                                    signsgd__tie_break="positive"))
+  variables = _tiny_variables()
+  server = algo.init(jax.random.key(0), variables)
+  info = RoundInfo(jnp.full((3,), 1 / 3), jnp.full((3,), 10.0))
+  down0 = algo.broadcast(server, jax.random.key(1), info)
+  assert float(down0["step"]) == 0.0                       # nothing to apply in round 0
+  states = [algo.init_client(jax.random.key(c), variables) for c in range(3)]
+  moves = [jnp.array([[1., 1., -1.], [1., 0., 1.]]), jnp.array([[1., -1., -1.], [-1., 0., 1.]]),
+           jnp.array([[-1., -1., 1.], [-1., 0., 1.]])]
+  ups, new_states = [], []
+  for c in range(3):
+    local = algo.client_start(down0, states[c], jax.random.key(5))
+    chex.assert_trees_all_equal(local.trainable, variables["params"])
+    moved = jax.tree.map(lambda x: x, local.trainable)
+    moved["Dense_0"]["kernel"] = moved["Dense_0"]["kernel"] + 0.01 * moves[c]
+    moved["Dense_0"]["bias"] = moved["Dense_0"]["bias"] + c
+    up, st = algo.client_finish(down0, states[c], LocalState(moved, {}), jax.random.key(6), {})
+    ups.append(up)
+    new_states.append(st)
+  # column sums of the signs: [+1, -1, -1], [-1, 0 (all three zero: sign(0) -> +1 each), +3]
+  new = algo.aggregate(server, down0, _stack(*ups), info.weights, None)
+  vote = jnp.array([[1., -1., -1.], [-1., 1., 1.]])
+  np.testing.assert_allclose(new["params"]["Dense_0"]["kernel"],
+                             variables["params"]["Dense_0"]["kernel"] + 0.25 * vote)
+  np.testing.assert_allclose(new["params"]["Dense_0"]["bias"], jnp.array([1.1, 1.2, 1.3]))
+  down1 = algo.broadcast(new, jax.random.key(2), info)
+  assert float(down1["step"]) == 0.25
+  for c in range(3):
+    local = algo.client_start(down1, new_states[c], jax.random.key(7))
+    chex.assert_trees_all_equal(local.trainable, new["params"])   # bit for bit
+
+
+def test_signsgd_refuses_partial_participation():
+  with pytest.raises(ConfigError, match=r"^clients_per_round: .*signsgd"):
+    get_algorithm(small_config(algorithm="signsgd", clients_per_round=2))
+
+
+# ----------------------------------------------------------------------------- FedPAQ
+
+
+def test_fedpaq_levels_and_widths():
+  assert [fedpaq.levels_for_bits(b) for b in (2, 3, 4, 8)] == [1, 3, 7, 127]
+  assert [int(updates.level_width(fedpaq.levels_for_bits(b))) for b in (2, 3, 4, 8)] == [2, 3, 4, 8]
+
+
+def test_fedpaq_quantizer_is_unbiased_on_its_grid():
+  x = jnp.array([0.5, -1.0, 0.25, 0.0])
+  keys = jax.random.split(jax.random.key(0), 20000)
+  q, s = jax.vmap(lambda k: updates.quantize_levels(x, 7, k, "max", jnp.int8))(keys)
+  assert float(s[0]) == 1.0
+  # 7 * x = [3.5, -7, 1.75, 0]: rounds to {3, 4}, -7 exactly, {1, 2}, 0 exactly
+  assert set(np.unique(q[:, 0]).tolist()) == {3, 4} and set(np.unique(q[:, 2]).tolist()) == {1, 2}
+  assert np.all(q[:, 1] == -7) and np.all(q[:, 3] == 0)
+  mean = jnp.mean(updates.dequantize_levels(q, 7, s[:, None]), axis=0)
+  np.testing.assert_allclose(mean, x, atol=0.01)
+  l2 = jax.vmap(lambda k: updates.dequantize_levels(*updates.quantize_levels(
+      x, 7, k, "l2", jnp.int8)[0:1], 7, updates.tensor_scale(x, "l2")))(keys)
+  np.testing.assert_allclose(jnp.mean(l2, axis=0), x, atol=0.01)
+
+
+def test_fedpaq_aggregates_dequantized_updates():
+  algo = get_algorithm(small_config(algorithm="fedpaq", fedpaq__bits=3))   # L = 3
+  variables = _tiny_variables()
+  server = algo.init(jax.random.key(0), variables)
+  down = algo.broadcast(server, jax.random.key(1), RoundInfo(jnp.ones(2) / 2, jnp.ones(2)))
+  q = {"Dense_0": {"kernel": Bits(jnp.array([[[3, 0, -3], [1, 1, 1]], [[0, 3, 3], [-1, 0, 2]]],
+                                            jnp.int8), jnp.array([3, 3], jnp.int32))}}
+  uplinks = {"weights": q, "scale": {"Dense_0": {"kernel": jnp.array([0.3, 0.6])}},
+             "other": {"Dense_0": {"bias": jnp.array([[0., 0., 0.], [1., 1., 1.]])}},
+             "model_state": {}}
+  new = algo.aggregate(server, down, uplinks, jnp.array([0.5, 0.5]), None)
+  # client 0: 0.1 * q0, client 1: 0.2 * q1; mean = 0.5 * (0.1 q0 + 0.2 q1)
+  expected = jnp.array([[0.15, 0.3, 0.15], [-0.05, 0.05, 0.25]])
+  np.testing.assert_allclose(new["params"]["Dense_0"]["kernel"],
+                             variables["params"]["Dense_0"]["kernel"] + expected, atol=1e-6)
+  np.testing.assert_allclose(new["params"]["Dense_0"]["bias"], [0.5, 0.5, 0.5])
+
+
+# ----------------------------------------------------------------------------- FedDQ
+
+
+@pytest.mark.parametrize("value_range, resolution, bits", [
+    (0.1, 0.001, 7),      # log2(100) = 6.64
+    (1.0, 0.001, 10),     # log2(1000) = 9.97
+    (0.003, 0.001, 2),    # log2(3) = 1.58 -> max(2, 2)
+    (0.0005, 0.001, 2),   # log2(0.5) = -1 -> 2
+    (0.0, 0.001, 2),      # no update at all
+    (100.0, 0.001, 16),   # log2(1e5) = 16.6 -> capped
+])
+def test_feddq_bit_width_from_range(value_range, resolution, bits):
+  assert int(feddq.bit_width(value_range, resolution, 16)) == bits
+
+
+def test_feddq_minmax_quantizer_by_hand():
+  x = jnp.array([0.0, 0.25, 1.0, 0.5])
+  q, f = feddq.quantize_minmax(x, jnp.float32(0.0), jnp.float32(1.0), jnp.int32(2))
+  np.testing.assert_allclose(f, 1 / 3)                      # 4 levels over [0, 1]
+  np.testing.assert_array_equal(q, [0, 1, 3, 2])            # 0, 0.75, 3, 1.5 rounded (ties to even)
+  np.testing.assert_allclose(feddq.dequantize_minmax(q, f, 0.0), [0, 1 / 3, 1, 2 / 3], atol=1e-6)
+
+
+def test_feddq_client_width_follows_its_own_range():
+  algo = get_algorithm(small_config(algorithm="feddq", feddq__resolution=0.01))
+  variables = _tiny_variables()
+  server = algo.init(jax.random.key(0), variables)
+  down = algo.broadcast(server, jax.random.key(1), None)
+  widths = []
+  for scale in (1.0, 0.1, 0.01):   # range of the update: 2.0, 0.2, 0.02
+    local = algo.client_start(down, {}, None)
+    moved = jax.tree.map(lambda x: x, local.trainable)
+    moved["Dense_0"]["kernel"] = moved["Dense_0"]["kernel"] + scale * jnp.array(
+        [[1., -1., 0.], [0.5, 0., 0.]])
+    up, _ = algo.client_finish(down, {}, LocalState(moved, {}), jax.random.key(2), {})
+    widths.append(int(up["weights"]["Dense_0"]["kernel"].width))
+    deq = feddq.dequantize_minmax(up["weights"]["Dense_0"]["kernel"].values,
+                                  up["step"]["Dense_0"]["kernel"], up["min"]["Dense_0"]["kernel"])
+    np.testing.assert_allclose(deq, moved["Dense_0"]["kernel"] - down["weights"]["Dense_0"]["kernel"],
+                               atol=0.01 / 2 + 1e-6)   # error <= resolution / 2
+  assert widths == [8, 5, 2]   # ceil(log2(200)), ceil(log2(20)), ceil(log2(2)) -> 2
+
+
+# ----------------------------------------------------------------------------- DAdaQuant
+
+
+def test_dadaquant_level_width_is_ceil_log2_2q_plus_1():
+  q = np.arange(1, 40000)
+  expected = np.ceil(np.log2(2 * q + 1)).astype(int)
+  np.testing.assert_array_equal(updates.level_width(jnp.asarray(q)), expected)
+  assert updates.level_width(jnp.arange(1, 10)).tolist() == [2, 3, 3, 4, 4, 4, 4, 5, 5]
+
+
+def test_dadaquant_doubles_on_a_hand_made_loss_sequence():
+  """phi = 2, psi = 0 (the EMA is the loss itself), q_min = 1."""
+  losses = [5.0, 4.0, 3.0, 3.5, 3.2, 3.6, 3.0, 3.7, 3.8, 3.9]
+  # t=4: 3.2 >= F_2 = 3.0 and 4 rounds since start -> 2; t=5: 3.6 >= 3.5 but only 1 round since;
+  # t=6: 3.0 < 3.6; t=7: 3.7 >= 3.6 -> 4; t=8: too soon; t=9: 3.9 >= 3.7 -> 8.
+  expected = [1, 1, 1, 1, 2, 2, 2, 4, 4, 8]
+  levels, got = dadaquant.init_levels(1, 2), []
+  for loss in losses:
+    levels = dadaquant.update_levels(levels, loss, phi=2, psi=0.0, q_max=100)
+    got.append(int(levels["q"]))
+  assert got == expected
+  levels = dadaquant.init_levels(1, 1)   # the cap
+  for loss in [1.0] * 12:
+    levels = dadaquant.update_levels(levels, loss, phi=1, psi=0.0, q_max=5)
+  assert int(levels["q"]) == 5
+
+
+def test_dadaquant_ema():
+  levels = dadaquant.init_levels(1, 3)
+  for loss in (2.0, 1.0, 4.0):
+    levels = dadaquant.update_levels(levels, loss, phi=3, psi=0.5, q_max=100)
+  # F0 = 2, F1 = 0.5*2 + 0.5*1 = 1.5, F2 = 0.5*1.5 + 0.5*4 = 2.75
+  np.testing.assert_allclose(levels["history"], [2.0, 1.5, 2.75])
+
+
+def test_dadaquant_client_levels_for_unequal_shares():
+  """Shares 0.1, 0.2, 0.7 and q_t = 4: a = 1.34581, b = 0.54 / 16, sqrt(a / b) = 6.3147;
+  q_i = round(6.3147 * [0.21544, 0.34200, 0.78837]) = round([1.360, 2.160, 4.978]) = [1, 2, 5]."""
+  n = jnp.array([100.0, 200.0, 700.0])
+  kappa = dadaquant.client_adaptive_scale(n, 4)
+  assert dadaquant.client_levels(kappa, n, 32767).tolist() == [1, 2, 5]
+  shares = n / n.sum()   # the same from shares: the formula is scale-invariant
+  assert dadaquant.client_levels(dadaquant.client_adaptive_scale(shares, 4), shares,
+                                 32767).tolist() == [1, 2, 5]
+  equal = jnp.full((5,), 300.0)
+  assert dadaquant.client_levels(dadaquant.client_adaptive_scale(equal, 8), equal,
+                                 32767).tolist() == [8] * 5
+  assert updates.level_width(jnp.array([1, 2, 5])).tolist() == [2, 3, 4]
+
+
+def test_dadaquant_client_derives_its_level_from_the_broadcast():
+  config = small_config(algorithm="dadaquant", local_epochs=2)
+  algo = get_algorithm(config)
+  variables = _tiny_variables()
+  server = algo.init(jax.random.key(0), variables)
+  server["levels"]["q"] = jnp.asarray(4, jnp.int32)
+  n = jnp.array([100.0, 200.0, 700.0])
+  down = algo.broadcast(server, jax.random.key(1), RoundInfo(n / n.sum(), n))
+  got = []
+  for c in range(3):
+    local = algo.client_start(down, {}, None)
+    up, _ = algo.client_finish(down, {}, local, jax.random.key(c),
+                               {"loss_sum": jnp.float32(1.0), "count": 2 * n[c]})
+    got.append((int(up["levels"]), int(up["weights"]["Dense_0"]["kernel"].width)))
+  assert got == [(1, 2), (2, 3), (5, 4)]
+
+
+# ----------------------------------------------------------------------------- engine runs
+
+
+@pytest.mark.parametrize("algorithm, up_bpp, down_bpp", [
+    ("signsgd", 1.0, 1.0), ("fedpaq", 4.0, 32.0), ("feddq", None, 32.0), ("dadaquant", 2.0, 32.0)])
+def test_baseline_runs_two_rounds_with_checked_wire(tmp_path, algorithm, up_bpp, down_bpp):
+  summary = train_and_evaluate(small_config(algorithm=algorithm, rounds=2, wire_check_every=1),
+                               str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert len(rows) == 2 and summary["final_accuracy"] > 0.1
+  for r in rows:
+    assert r["downlink_bpp"] == down_bpp
+    if up_bpp is not None:
+      assert r["uplink_bpp"] == up_bpp                     # DAdaQuant: q = 1 -> 2 bits
+    else:
+      assert 2.0 <= r["uplink_bpp"] <= 16.0
+    assert r["uplink_total_bpp"] > r["uplink_bpp"] and r["downlink_total_bpp"] > r["downlink_bpp"]
+    assert r["uplink_bits"] == 8 * (r["cumulative_uplink_bytes"] - (
+        rows[0]["cumulative_uplink_bytes"] if r["round"] else 0))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(algorithm="fedpaq", fedpaq__bits=1), "fedpaq.bits"),
+    (dict(algorithm="fedpaq", fedpaq__bits=9), "fedpaq.bits"),
+    (dict(algorithm="fedpaq", fedpaq__norm="l1"), "fedpaq.norm"),
+    (dict(algorithm="feddq", feddq__resolution=0.0), "feddq.resolution"),
+    (dict(algorithm="feddq", feddq__resolution=-0.001), "feddq.resolution"),
+    (dict(algorithm="feddq", feddq__max_bits=17), "feddq.max_bits"),
+    (dict(algorithm="feddq", feddq__granularity="layer"), "feddq.granularity"),
+    (dict(algorithm="dadaquant", dadaquant__phi=0), "dadaquant.phi"),
+    (dict(algorithm="dadaquant", dadaquant__psi=1.0), "dadaquant.psi"),
+    (dict(algorithm="dadaquant", dadaquant__q_min=0), "dadaquant.q_min"),
+    (dict(algorithm="dadaquant", dadaquant__q_max=40000), "dadaquant.q_max"),
+    (dict(algorithm="signsgd", signsgd__server_lr=0.0), "signsgd.server_lr"),
+    (dict(algorithm="signsgd", signsgd__tie_break="zero"), "signsgd.tie_break"),
+    (dict(wire_check_every=-1), "wire_check_every"),
+])
+def test_bad_baseline_config_is_one_line(tmp_path, overrides, field):
+  with pytest.raises(ConfigError) as info:
+    train_and_evaluate(small_config(**overrides), str(tmp_path))
+  message = str(info.value)
+  assert message.startswith(field + ":") and "\n" not in message, message
+
+
+def test_signsgd_resumes_to_the_same_rounds(tmp_path):
+  """SignSGD's state lives on both sides (the clients' model copies, the server's vote and key):
+  dropping the last checkpoint and rerunning replays that round exactly."""
+  import shutil
+  config = small_config(algorithm="signsgd", checkpoint_every=1, wire_check_every=0)
+  train_and_evaluate(config, str(tmp_path))
+  straight = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  shutil.rmtree(tmp_path / "checkpoints" / "2")
+  train_and_evaluate(config, str(tmp_path))   # resumes after round 1, reruns round 2
+  resumed = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_seconds"} for r in rows]
+  assert len(straight) == 2 and strip(resumed) == strip(straight)
