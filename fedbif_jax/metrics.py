@@ -53,15 +53,23 @@ def make_evaluator(model, eval_variables: Callable, dataset, batch_size: int
   return evaluate
 
 
-def sparsity(payload) -> float:
-  """Fraction of zero entries among ``payload["weights"]`` (integers of `Bits`, or floats)."""
+def _weight_values(payload) -> list:
   leaves = jax.tree.leaves(payload["weights"], is_leaf=lambda x: isinstance(x, Bits))
-  zeros = total = 0
-  for leaf in leaves:
-    values = leaf.values if isinstance(leaf, Bits) else leaf
-    zeros += int(jnp.sum(values == 0))
-    total += values.size
-  return zeros / max(total, 1)
+  return [leaf.values if isinstance(leaf, Bits) else leaf for leaf in leaves]
+
+
+@jax.jit
+def _zero_count(payload) -> jax.Array:
+  return sum(jnp.sum(values == 0) for values in _weight_values(payload))
+
+
+def sparsity(payload) -> float:
+  """Fraction of zero entries among ``payload["weights"]`` (integers of `Bits`, or floats).
+
+  One reduction on the device and one scalar copied to the host.
+  """
+  total = sum(values.size for values in _weight_values(payload))
+  return int(_zero_count(payload)) / max(total, 1)
 
 
 def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
@@ -107,9 +115,13 @@ def make_lipschitz_probe(model, eval_variables: Callable, input_shape, iteration
                                               jax.random.fold_in(key, i), iterations)
                       for i, l in enumerate(layers)])
 
+  last_path = []  # the last layer's params path: the model's structure, found on the first call
+
   def last_kernel(server_state):
     variables = eval_variables(server_state)
-    path = lipschitz.linear_layers(model, variables, example)[-1].path
+    if not last_path:
+      last_path.extend(lipschitz.linear_layers(model, variables, example)[-1].path)
+    path = tuple(last_path)
     tree = variables["params"]
     for name in path:
       tree = tree[name]

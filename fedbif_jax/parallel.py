@@ -67,6 +67,20 @@ def compact_schedule(idx: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.
   return take(idx), take(mask), real.sum(axis=1)
 
 
+def pad_steps(idx: np.ndarray, mask: np.ndarray, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Pads a [C, S, B] schedule with fully masked steps (exact no-ops) to `num_steps` steps."""
+  pad = num_steps - idx.shape[1]
+  if pad <= 0:
+    return idx, mask
+  zeros = lambda a: np.zeros((a.shape[0], pad) + a.shape[2:], a.dtype)
+  return np.concatenate([idx, zeros(idx)], axis=1), np.concatenate([mask, zeros(mask)], axis=1)
+
+
+def _batched(local: LocalTraining):
+  """`client_update` over a leading client axis (the downlink and data are shared)."""
+  return jax.vmap(local.client_update, in_axes=(None, 0, 0, 0, None))
+
+
 def _to_host(tree: Any) -> Any:
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
@@ -92,8 +106,7 @@ def _make_sharded(local: LocalTraining) -> Runner:
   devices = jax.devices()
   mesh = jax.sharding.Mesh(np.array(devices), (CLIENT_AXIS,))
   spec, replicated = jax.sharding.PartitionSpec(CLIENT_AXIS), jax.sharding.PartitionSpec()
-  per_device = jax.vmap(local.client_update, in_axes=(None, 0, 0, 0, None))
-  update = jax.jit(jax.shard_map(per_device, mesh=mesh,
+  update = jax.jit(jax.shard_map(_batched(local), mesh=mesh,
                                  in_specs=(replicated, spec, spec, spec, replicated),
                                  out_specs=(spec, spec, spec), check_vma=False))
   on_mesh = jax.sharding.NamedSharding(mesh, spec)
@@ -108,19 +121,19 @@ def _make_sharded(local: LocalTraining) -> Runner:
     downlink = jax.device_put(downlink, everywhere)  # the broadcast itself
     uplinks, states, metrics = update(downlink, jax.tree.map(put, client_states), batches,
                                       put(keys), data)
+    real = lambda tree: jax.tree.map(lambda x: x[:num_clients], tree)  # drop the dummy clients
     # The uplinks reach the server (device 0), so that server-side code sees the same
     # placement every round and is never recompiled.
-    to_server = lambda tree: jax.device_put(jax.tree.map(lambda x: x[:num_clients], tree), server)
-    return to_server(uplinks), _to_host(jax.tree.map(lambda x: x[:num_clients], states)), \
-        to_server(metrics)
+    to_server = lambda tree: jax.device_put(real(tree), server)
+    return to_server(uplinks), _to_host(real(states)), to_server(metrics)
 
   return Runner(run, lambda data: jax.device_put(data, everywhere))
 
 
 def make_runner(backend: str, local: LocalTraining, unroll: int = 1) -> Runner:
-  """The `Runner` of a backend. Args of its ``run``:
+  """The `Runner` of a backend.
 
-  Args of run:
+  Args of its ``run``:
     downlink: the round's downlink pytree (on the device).
     client_states: host pytree, leaves [C, ...] (the selected clients' states, stacked).
     idx, mask: numpy int32 / float32 [C, S, B], the padded schedule.
@@ -134,7 +147,7 @@ def make_runner(backend: str, local: LocalTraining, unroll: int = 1) -> Runner:
     return _make_sharded(local)
 
   if backend == "vmap":
-    update = jax.jit(jax.vmap(local.client_update, in_axes=(None, 0, 0, 0, None)))
+    update = jax.jit(_batched(local))
 
     def run_vmap(downlink, client_states, idx, mask, keys, data: TrainData):
       batches = Batches(jnp.asarray(idx), jnp.asarray(mask))
@@ -150,10 +163,8 @@ def make_runner(backend: str, local: LocalTraining, unroll: int = 1) -> Runner:
 
   def run_sequential(downlink, client_states, idx, mask, keys, data: TrainData):
     idx, mask, real_steps = compact_schedule(idx, mask)
-    pad = (-idx.shape[1]) % unroll
-    if pad:  # whole chunks only: trailing all-masked steps are no-ops
-      idx = np.concatenate([idx, np.zeros_like(idx[:, :pad])], axis=1)
-      mask = np.concatenate([mask, np.zeros_like(mask[:, :pad])], axis=1)
+    # Whole chunks of `unroll` steps only: the trailing all-masked steps are no-ops.
+    idx, mask = pad_steps(idx, mask, -(-idx.shape[1] // unroll) * unroll)
     idx_dev, mask_dev = jnp.asarray(idx), jnp.asarray(mask)  # the round's schedule, sent once
     uplinks, states, metrics = [], [], []
     for c in range(idx.shape[0]):

@@ -11,7 +11,7 @@ exact same rounds):
 5. evaluate the global model on the whole test set; count the bytes of the payloads that were
    actually produced, as `wire.encode` would write them (`wire.encoded_size` for the downlink,
    sent to every selected client; `wire.encoded_sizes` for each client's uplink), and the bpp
-   over the compressed weights (`wire.count_bits`); every ``wire_check_every`` rounds really
+   over the compressed weights (`wire.weight_bits`); every ``wire_check_every`` rounds really
    encode and decode them (`wire.verify`); append a line to ``metrics.jsonl``;
 6. every ``checkpoint_every`` rounds, write an orbax checkpoint (atomic: written to a temporary
    directory and renamed), so a killed run resumes from its last complete checkpoint.
@@ -44,7 +44,7 @@ from fedbif_jax import wire
 from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax.algorithms.base import RoundInfo
 from fedbif_jax.client import TrainData, make_local_training
-from fedbif_jax.errors import check
+from fedbif_jax.errors import check, check_positive_number
 from fedbif_jax.models import MODELS, bit_trained_predicate, get_model
 
 log = logging.getLogger("fedbif_jax")
@@ -75,8 +75,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   cpr = config.clients_per_round
   check(isinstance(cpr, int) and (cpr == 0 or 1 <= cpr <= config.num_clients), "clients_per_round",
         f"0 (all) or an integer in 1..num_clients={config.num_clients}", cpr)
-  check(isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0, "lr",
-        "a finite number > 0", config.lr)
+  check_positive_number("lr", config.lr)
   check(config.aggregation_weights in AGGREGATION_WEIGHTS, "aggregation_weights",
         f"one of {', '.join(AGGREGATION_WEIGHTS)}", config.aggregation_weights)
   parallel.resolve_backend(config.parallel)
@@ -101,14 +100,6 @@ def _sample_clients(seed: int, round_index: int, num_clients: int, per_round: in
   rng = np.random.default_rng([seed, 2, round_index])
   return np.sort(rng.choice(num_clients, per_round, replace=False))
 
-
-def _pad_steps(idx: np.ndarray, mask: np.ndarray, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-  """Pads a [C, S, B] schedule with masked steps to a fixed S, so shapes never change."""
-  pad = num_steps - idx.shape[1]
-  if pad > 0:
-    idx = np.concatenate([idx, np.zeros((idx.shape[0], pad, idx.shape[2]), idx.dtype)], axis=1)
-    mask = np.concatenate([mask, np.zeros((mask.shape[0], pad, mask.shape[2]), mask.dtype)], axis=1)
-  return idx, mask
 
 
 class _Store:
@@ -146,6 +137,16 @@ class _Store:
     self.states = {}
     if saved:
       self.scatter(np.asarray(saved["ids"]), saved["states"])
+
+
+def _rewind_jsonl(path: str, upto_round: int) -> list[dict]:
+  """Keeps the lines of a per-round .jsonl file for rounds < upto_round (a torn last line is
+  dropped), rewrites the file with them and returns them: the rounds after a checkpoint are
+  redone on resume."""
+  rows = _read_metrics(path, upto_round)
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return rows
 
 
 def _read_metrics(path: str, upto_round: int) -> list[dict]:
@@ -258,14 +259,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_round = int(manager.latest_step())
     log.info("resumed from %s at round %d", ckpt_dir, start_round)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  rows = _read_metrics(metrics_path, start_round)
-  with open(metrics_path, "w") as f:  # drop rounds after the checkpoint
-    f.writelines(json.dumps(r) + "\n" for r in rows)
+  rows = _rewind_jsonl(metrics_path, start_round)
   histograms_path = os.path.join(workdir, "histograms.jsonl")
   if os.path.exists(histograms_path):
-    kept = _read_metrics(histograms_path, start_round)
-    with open(histograms_path, "w") as f:
-      f.writelines(json.dumps(h) + "\n" for h in kept)
+    _rewind_jsonl(histograms_path, start_round)
 
   cum_up = rows[-1]["cumulative_uplink_bytes"] if rows else 0.0
   cum_down = rows[-1]["cumulative_downlink_bytes"] if rows else 0.0
@@ -282,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     downlink = broadcast(server_state, jax.random.fold_in(round_key, 0), info)
     idx, mask = data_lib.round_batches([parts[c] for c in ids], config.batch_size,
                                        config.local_epochs, np.random.default_rng([config.seed, 1, t]))
-    idx, mask = _pad_steps(idx, mask, max_steps)
+    idx, mask = parallel.pad_steps(idx, mask, max_steps)  # fixed shapes: no recompilation
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(round_key, 1),
                                                            jnp.asarray(ids))
     uplinks, new_states, client_metrics = runner.run(downlink, store.gather(ids), idx, mask,
@@ -299,8 +296,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     server_state = new_server_state
     store.scatter(ids, new_states)
 
-    down = wire.count_bits(downlink)
-    up = wire.count_bits(uplinks)
     down_bytes = wire.encoded_size(downlink)            # one message, sent to each client
     up_bytes = int(wire.encoded_sizes(uplinks).sum())   # one message per client
     if config.wire_check_every and t % config.wire_check_every == 0:
@@ -316,8 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "train_loss": train_loss,
         "uplink_bits": 8 * up_bytes,
         "downlink_bits": 8 * down_bytes * len(ids),
-        "uplink_bpp": up.weight_bits / (num_weights * len(ids)),
-        "downlink_bpp": down.weight_bits / num_weights,
+        "uplink_bpp": wire.weight_bits(uplinks) / (num_weights * len(ids)),
+        "downlink_bpp": wire.weight_bits(downlink) / num_weights,
         "uplink_total_bpp": 8 * up_bytes / (num_weights * len(ids)),
         "downlink_total_bpp": 8 * down_bytes / num_weights,
         "cumulative_uplink_bytes": cum_up,
@@ -329,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     if probe and (t % config.lipschitz_every == 0 or t + 1 == config.rounds):
       row["lipschitz"], histogram = probe(server_state, jax.random.fold_in(round_key, 2))
-      with open(os.path.join(workdir, "histograms.jsonl"), "a") as f:
+      with open(histograms_path, "a") as f:
         f.write(json.dumps({"round": t, **histogram}) + "\n")
     rows.append(row)
     with open(metrics_path, "a") as f:

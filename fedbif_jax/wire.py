@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax
 import jax
@@ -74,22 +74,16 @@ def _leaf_bits(leaf: Any) -> float:
   return float(leaf.size * per_element)
 
 
-class BitCount(NamedTuple):
-  weight_bits: float  # bits spent on the "weights" entry
-  total_bits: float   # every leaf of the payload (no headers, no byte padding)
+def weight_bits(payload: Any) -> float:
+  """Bits the elements under ``payload["weights"]`` occupy: the bpp numerator.
 
-
-def count_bits(payload: Any) -> BitCount:
-  """Bits a payload's elements occupy, from shapes and widths (no device-to-host copy of data).
-
-  ``weight_bits`` is the bpp numerator (for `Bits` exactly width x size). For uplinks stacked
-  over clients (leading axis C) this is the sum over the clients. The ledger's byte figures come
-  from `encoded_size` / `encoded_sizes`, which add headers and byte padding.
+  From shapes and widths only (no device-to-host copy of data); for `Bits` exactly width x size.
+  For uplinks stacked over clients (leading axis C) this is the sum over the clients. The
+  ledger's byte figures come from `encoded_size` / `encoded_sizes`, which add headers, the other
+  leaves and byte padding.
   """
   weights = payload.get("weights", {}) if isinstance(payload, dict) else {}
-  leaves = jax.tree.leaves(payload, is_leaf=_is_bits)
-  weight_leaves = jax.tree.leaves(weights, is_leaf=_is_bits)
-  return BitCount(sum(map(_leaf_bits, weight_leaves)), sum(map(_leaf_bits, leaves)))
+  return sum(map(_leaf_bits, jax.tree.leaves(weights, is_leaf=_is_bits)))
 
 
 # ----------------------------------------------------------------------------- byte encoding

@@ -142,8 +142,7 @@ def test_stacked_sizes_match_each_clients_encoding(widths, shape, seed):
   for i in range(c):
     one = wire.unstack(stacked, i)
     assert sizes[i] == wire.encoded_size(one) == len(wire.encode(one)) == wire.verify(one)
-  bits = wire.count_bits(stacked)
-  assert bits.weight_bits == sum(widths) * int(np.prod(shape))
+  assert wire.weight_bits(stacked) == sum(widths) * int(np.prod(shape))
 
 
 def test_verify_catches_a_size_or_value_mismatch(monkeypatch):
@@ -210,9 +209,8 @@ def test_fedbif_1_4_on_the_cifar_cnn_is_exactly_1_and_4_bpp():
   downlink, uplinks, variables = _payloads("fedbif", input_shape=(32, 32, 3), num_clients=2)
   kernels = 864 + 18432 + 524288 + 1280
   assert sum(x.size for x in jax.tree.leaves(variables)) == 545098   # 234 biases
-  down, up = wire.count_bits(downlink), wire.count_bits(uplinks)
-  assert down.weight_bits / kernels == 4.0
-  assert up.weight_bits / (2 * kernels) == 1.0
+  assert wire.weight_bits(downlink) / kernels == 4.0
+  assert wire.weight_bits(uplinks) / (2 * kernels) == 1.0
   down_bytes, up_bytes = wire.encoded_size(downlink), wire.encoded_sizes(uplinks)
   # payload bytes: 4-bit integers, 4 float32 steps, a 4-bit mask (1 byte), 234 float32 biases.
   assert kernels * 4 // 8 + 16 + 1 + 936 < down_bytes < kernels * 4 // 8 + 16 + 1 + 936 + 400

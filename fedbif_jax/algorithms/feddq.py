@@ -28,14 +28,13 @@ Choices (config fields):
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 
 from fedbif_jax import bits as bits_lib
 from fedbif_jax.algorithms import base, updates
-from fedbif_jax.errors import check
+from fedbif_jax.errors import check, check_positive_number
 from fedbif_jax.wire import Bits
 
 GRANULARITIES = ("tensor", "model")
@@ -85,9 +84,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   """FedDQ from `config.feddq` (resolution, granularity, rounding, max_bits)."""
   cfg = config.feddq
   resolution = cfg.resolution
-  check(isinstance(resolution, (int, float)) and not isinstance(resolution, bool)
-        and math.isfinite(resolution) and resolution > 0, "feddq.resolution",
-        "a finite number > 0", resolution)
+  check_positive_number("feddq.resolution", resolution)
   granularity = cfg.get("granularity", "tensor")
   check(granularity in GRANULARITIES, "feddq.granularity", f"one of {', '.join(GRANULARITIES)}",
         granularity)

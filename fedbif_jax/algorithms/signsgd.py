@@ -29,14 +29,13 @@ Choices (the papers leave them open):
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 
 from fedbif_jax import bits as bits_lib
 from fedbif_jax.algorithms import base
-from fedbif_jax.errors import check
+from fedbif_jax.errors import check, check_positive_number
 from fedbif_jax.wire import Bits
 
 TIE_BREAKS = ("random", "positive")
@@ -76,9 +75,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   """SignSGD from `config.signsgd` (server_lr, tie_break); raises ConfigError naming the field."""
   cfg = config.signsgd
   server_lr = cfg.server_lr
-  check(isinstance(server_lr, (int, float)) and not isinstance(server_lr, bool)
-        and math.isfinite(server_lr) and server_lr > 0, "signsgd.server_lr",
-        "a finite number > 0", server_lr)
+  check_positive_number("signsgd.server_lr", server_lr)
   tie_break = cfg.get("tie_break", "random")
   check(tie_break in TIE_BREAKS, "signsgd.tie_break", f"one of {', '.join(TIE_BREAKS)}", tie_break)
   cpr = config.get("clients_per_round", 0)

@@ -56,7 +56,7 @@ def unzip(tree: Any) -> tuple[dict, ...]:
 def update_quantizer(name: str, predicate, client_finish, aggregate, **overrides) -> base.Algorithm:
   """An algorithm that broadcasts the full-precision model and uploads a quantized update.
 
-  FedPAQ, FedDQ and DAdaQuant differ only in `client_finish` (how the update is quantized) and
+  FedAvg, FedPAQ, FedDQ and DAdaQuant differ only in `client_finish` (how the update is quantized) and
   `aggregate` (how it is folded back); `overrides` replaces any other function (e.g. an `init`
   with extra server state). Server state: ``{"params", "model_state", ...}``; clients are
   stateless.
@@ -94,7 +94,8 @@ def update_quantizer(name: str, predicate, client_finish, aggregate, **overrides
 
 
 def full_precision_downlink(state: dict, predicate) -> dict:
-  """The model in float32, split as the ledger wants it: kernels under "weights" (32 bpp)."""
+  """The model ``{"params", "model_state"}`` in float32, split as the ledger wants it: kernels
+  under "weights" (32 bpp), other params under "other"."""
   weights, other = bits_lib.split_params(state["params"], predicate)
   return {"weights": weights, "other": other, "model_state": state["model_state"]}
 
