@@ -120,10 +120,14 @@ def make_local_training(algorithm: Algorithm, model: nn.Module, optimizer: optax
     grads, (new_model_state, loss_sum) = jax.grad(loss_fn, has_aux=True)(carry.local.trainable)
     updates, opt_state = optimizer.update(grads, carry.opt_state, carry.local.trainable)
     trainable = optax.apply_updates(carry.local.trainable, updates)
-    stepped = Carry(LocalState(trainable, new_model_state), opt_state, carry.step + 1,
-                    carry.loss_sum + loss_sum, carry.count + n, carry.real_steps + 1)
-    skipped = carry._replace(step=carry.step + 1)
-    return _where_tree(n > 0, stepped, skipped)
+    # A fully masked step keeps everything (LocalState.frozen is never touched).
+    stepped = (trainable, new_model_state, opt_state, carry.loss_sum + loss_sum, carry.count + n,
+               carry.real_steps + 1)
+    kept = (carry.local.trainable, carry.local.model_state, carry.opt_state, carry.loss_sum,
+            carry.count, carry.real_steps)
+    trainable, model_state, opt_state, loss_total, count, real_steps = _where_tree(n > 0, stepped, kept)
+    local = carry.local._replace(trainable=trainable, model_state=model_state)
+    return Carry(local, opt_state, carry.step + 1, loss_total, count, real_steps)
 
   def start(downlink, client_state, key) -> Carry:
     local = algorithm.client_start(downlink, client_state, jax.random.fold_in(key, 0))

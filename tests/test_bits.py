@@ -23,6 +23,7 @@ import pytest
 
 from fedbif_jax import bits
 from fedbif_jax import quant
+from fedbif_jax.wire import Bits
 
 _FAST = settings(max_examples=25, deadline=None)
 
@@ -443,3 +444,62 @@ def test_hard_bits_is_positive_part_as_uint8():
   hb = bits.hard_bits(v)["k"]
   assert hb.dtype == jnp.uint8
   np.testing.assert_array_equal(np.asarray(hb), [[0, 0, 1]])
+
+
+@pytest.mark.parametrize("bits_m,active_bits,encoding,selector", [
+    (4, 1, "offset", "sequential"), (8, 2, "offset", "sequential"), (4, 1, "offset", "random"),
+    (4, 1, "sign_magnitude", "sequential"), (4, 2, "sign_magnitude", "random")])
+def test_fedbif_active_only_training_matches_weights_from_bits(bits_m, active_bits, encoding,
+                                                               selector):
+  """FedBiF trains only the s activated virtual bits and reads the frozen ones off the received
+  integers: its weights and gradients equal `weights_from_bits` over all m inherited virtual bits,
+  and client_finish puts the trained bits back into the full virtual bits."""
+  import ml_collections
+  from fedbif_jax.algorithms import fedbif
+  from fedbif_jax.selectors import active_indices
+  c = ml_collections.ConfigDict({"fedbif": {"bits": bits_m, "active_bits": active_bits,
+                                            "selector": selector, "order": "msb_first",
+                                            "fixed_bits": (), "encoding": encoding, "vbi": True}})
+  algo = fedbif.make(c)
+  k = jax.random.key(0)
+  params = {"dense": {"kernel": 0.3 * jax.random.normal(k, (7, 5)), "bias": jnp.ones(5)},
+            "conv": {"kernel": 0.1 * jax.random.normal(jax.random.fold_in(k, 1), (3, 3, 2, 4))}}
+  variables = {"params": params}
+  server = algo.init(k, variables)
+  for rnd in range(3):
+    server = server | {"round": jnp.asarray(rnd, jnp.int32)}
+    down = algo.broadcast(server, jax.random.fold_in(k, 10 + rnd), None)
+    state = algo.init_client(jax.random.fold_in(k, 20 + rnd), variables)
+    local = algo.client_start(down, state, jax.random.fold_in(k, 30 + rnd))
+    full = local.frozen
+    idx = active_indices(down["active"], active_bits)
+    assert jax.tree.leaves(jax.tree.map(lambda f, a: bool(jnp.all(f[idx] == a)), full,
+                                        local.trainable["active_bits"]))
+
+    def reference(active):
+      vb = jax.tree.map(lambda f, a: f.at[idx].set(a), full, active)
+      return bits.weights_from_bits(vb, down["alpha"], down["active"], bits_m, encoding)
+
+    def ours(active):
+      p = algo.model_params({"active_bits": active, "other": local.trainable["other"]}, down)
+      return bits.split_params(p, bits.is_kernel)[0]
+
+    # Perturb the active bits so that some flip sign relative to the received bits.
+    active = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.fold_in(k, 99), a.shape),
+                          local.trainable["active_bits"])
+    chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), ours(active), reference(active))
+    assert all(jax.tree.leaves(chex_equal)), f"round {rnd}: weights differ"
+    loss = lambda f: lambda a: sum(jnp.sum(jnp.sin(w)) for w in jax.tree.leaves(f(a)))
+    g_ours, g_ref = jax.grad(loss(ours))(active), jax.grad(loss(reference))(active)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    up, new_state = algo.client_finish(
+        down, state, local._replace(trainable={"active_bits": active,
+                                               "other": local.trainable["other"]}), k, {})
+    for f, a, n, u in zip(jax.tree.leaves(full), jax.tree.leaves(active),
+                          jax.tree.leaves(new_state["virtual_bits"]),
+                          jax.tree.leaves(up["weights"], is_leaf=lambda x: isinstance(x, Bits))):
+      expected = np.asarray(f).copy()
+      expected[np.asarray(idx)] = np.asarray(a)
+      np.testing.assert_array_equal(n, expected)
+      np.testing.assert_array_equal(u.values, (np.asarray(a) > 0).astype(np.uint8))

@@ -148,7 +148,7 @@ def test_fedbif_trains_every_model_jitted_for_two_clients(name, classes):
     uplink, _, metric = finish(downlink, state, carry, _key(40 + c))
     assert float(metric["count"]) == 6.0 and np.isfinite(float(metric["loss_sum"]))
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
-                         carry.local.trainable["virtual_bits"], carry0.local.trainable["virtual_bits"])
+                         carry.local.trainable["active_bits"], carry0.local.trainable["active_bits"])
     assert all(jax.tree.leaves(moved)), f"client {c}: a kernel got no gradient"
     if has_bn:
       changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)),

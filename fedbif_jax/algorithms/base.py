@@ -8,6 +8,7 @@ The engine (`fedbif_jax/train.py`) calls them; it never looks inside the states 
   broadcast(server_state, key, info) -> downlink                # what the server sends
   client_start(downlink, client_state, key) -> LocalState       # the client's local model
   model_params(trainable, downlink) -> params                   # the Flax params to apply
+                                                                # (called every local step)
   client_finish(downlink, client_state, local, key, stats) -> (uplink, client_state)
   aggregate(server_state, downlink, uplinks, weights, client_metrics) -> server_state
   eval_variables(server_state) -> variables                     # the global model to evaluate
@@ -30,8 +31,10 @@ import jax.numpy as jnp
 
 
 class LocalState(NamedTuple):
-  trainable: Any    # what local SGD updates (weights, or FedBiF's virtual bits and biases)
+  trainable: Any    # what local SGD updates (weights, or FedBiF's activated virtual bits and biases)
   model_state: Any  # non-trained model collections (BatchNorm statistics), updated in train mode
+  frozen: Any = None  # what the client keeps unchanged through local training and needs again in
+                      # client_finish (FedBiF: its whole inherited virtual bits); carried, never stepped
 
 
 class RoundInfo(NamedTuple):

@@ -10,8 +10,10 @@ Round t:
    extracted prints VBI inside the epoch loop; Sec. 3.2's prose applies it once on receipt, the
    only reading under which later epochs keep what earlier epochs learned, so we apply it once.
    With ``vbi=False`` (the ablation of Sec. 4.3) the magnitudes are drawn afresh each round.
-3. local training (shared engine) - SGD on the virtual bits through `bits.weights_from_bits`;
-   only the activated bits get gradients.
+3. local training (shared engine) - SGD on the s activated virtual bits only (the trainable
+   pytree holds just them, so each step's work on the bits is O(s), not O(m), per weight); the
+   weights are rebuilt from them and the received integers' frozen bits (Eq. 4, `model_params`),
+   equal to `bits.weights_from_bits` over all m virtual bits.
 4. client_finish - the client uploads the s activated bits per weight (s bpp) plus its
    full-precision leaves, and keeps all its virtual bits for the next time it is selected.
 5. aggregate - Eq. 6 (`aggregate_bits`): the weighted mean of the clients' activated bits plus
@@ -178,22 +180,53 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     received = received_bits(downlink)
     own = client_state["virtual_bits"]
     virtual = bits_lib.inherit(own, received) if use_vbi else bits_lib.reinitialize(key, own, received)
-    return base.LocalState(trainable={"virtual_bits": virtual, "other": downlink["other"]},
-                           model_state=downlink["model_state"])
+    # Only the s activated bits are trained (and stepped by SGD each local step); the whole
+    # inherited virtual bits ride along untouched in `frozen` until client_finish.
+    idx = selectors.active_indices(downlink["active"], s)
+    active_bits = jax.tree.map(lambda v: v[idx], virtual)
+    return base.LocalState(trainable={"active_bits": active_bits, "other": downlink["other"]},
+                           model_state=downlink["model_state"], frozen=virtual)
 
   def model_params(trainable, downlink):
-    weights = bits_lib.weights_from_bits(trainable["virtual_bits"], downlink["alpha"],
-                                         downlink["active"], m, encoding)
+    """Eq. 4 with the frozen bits read off the received integers: per step, O(s) work per weight.
+
+    Offset binary: q + 2^(m-1) = sum_j 2^j b_j, so the frozen bits contribute
+    (q + 2^(m-1)) - sum_{i in S} 2^i b_i(q), an exact integer; the activated bits contribute
+    sum_{i in S} 2^i h(v_i) through the straight-through step. The same weights, to the bit, as
+    `bits.weights_from_bits` over all m virtual bits (whose frozen bits equal the received ones
+    after inheritance), with the same gradients.
+    """
+    idx = selectors.active_indices(downlink["active"], s)
+
+    def leaf(v_active, alpha, q):
+      h = bits_lib.ste_step(v_active)                                   # [s, ...]
+      if encoding == "offset":
+        u = q.values.astype(jnp.int32) + 2 ** (m - 1)
+        shifts = idx.astype(jnp.int32).reshape((s,) + (1,) * u.ndim)
+        received_active = (u[None] >> shifts) & 1                       # [s, ...]
+        pow2 = (2 ** shifts).astype(jnp.float32)
+        frozen_part = (u - jnp.sum((2 ** shifts) * received_active, axis=0)).astype(jnp.float32)
+        integer = frozen_part + jnp.sum(pow2 * h, axis=0) - 2.0 ** (m - 1)
+      else:  # sign-magnitude: not linear in the bits; rebuild all m of them
+        full = quant.to_bits(q.values, m, encoding).astype(jnp.float32).at[idx].set(h)
+        pow2 = (2.0 ** jnp.arange(m - 1, dtype=jnp.float32)).reshape((m - 1,) + (1,) * (full.ndim - 1))
+        integer = (1.0 - 2.0 * full[-1]) * jnp.sum(pow2 * full[:-1], axis=0)
+      return alpha * integer
+
+    weights = jax.tree.map(leaf, trainable["active_bits"], downlink["alpha"], downlink["weights"],
+                           is_leaf=lambda x: isinstance(x, Bits))
     return bits_lib.merge_params(weights, trainable["other"])
 
   def client_finish(downlink, client_state, local, key, stats):
     del client_state, key, stats
     idx = selectors.active_indices(downlink["active"], s)
-    hard = bits_lib.hard_bits(local.trainable["virtual_bits"])
-    uplink_bits = jax.tree.map(lambda b: Bits(b[idx], jnp.asarray(1, jnp.int32)), hard)
+    trained = local.trainable["active_bits"]
+    uplink_bits = jax.tree.map(lambda v: Bits((v > 0).astype(jnp.uint8), jnp.asarray(1, jnp.int32)),
+                               trained)
     uplink = {"weights": uplink_bits, "other": local.trainable["other"],
               "model_state": local.model_state}
-    return uplink, {"virtual_bits": local.trainable["virtual_bits"]}
+    virtual = jax.tree.map(lambda full, v: full.at[idx].set(v), local.frozen, trained)
+    return uplink, {"virtual_bits": virtual}
 
   def aggregate(state, downlink, uplinks, weights, client_metrics):
     del client_metrics
