@@ -2,8 +2,14 @@
 
 A thin shell over `fedbif_jax.train.train_and_evaluate`. Bad input prints one line naming the
 field (exit 2); a diverged run prints why (exit 3); neither dumps a traceback.
+
+Multi-process (multi-host) runs: start the same command once per process with
+``--config.distributed.enabled=True`` and the coordinator's address, the process count and each
+process's id (or JAX_COORDINATOR_ADDRESS in the environment; on Cloud TPU, Slurm or Open MPI JAX
+detects them, FEDBIF_DISTRIBUTED=1 asks for it). See README, "Deploying".
 """
 import logging
+import os
 import sys
 
 from absl import app
@@ -41,15 +47,50 @@ def parse_flags(argv):
     sys.exit(2)
 
 
+def distributed_requested(config, environ=os.environ) -> bool:
+  """A multi-process run is asked for by ``config.distributed.enabled`` or the environment
+  (JAX_COORDINATOR_ADDRESS, or FEDBIF_DISTRIBUTED=1 to let JAX detect the cluster)."""
+  return bool(config.distributed.enabled or environ.get("JAX_COORDINATOR_ADDRESS")
+              or environ.get("FEDBIF_DISTRIBUTED") == "1")
+
+
+def initialize_distributed(config) -> None:
+  """jax.distributed.initialize() with the config's fields that are set; the rest come from the
+  environment or JAX's cluster detection. Must run before any JAX computation."""
+  import jax
+  d = config.distributed
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs["coordinator_address"] = d.coordinator_address
+  if d.num_processes > 0:
+    kwargs["num_processes"] = d.num_processes
+  if d.process_id >= 0:
+    kwargs["process_id"] = d.process_id
+  # CPU processes exchange their clients' results through gloo (a no-op setting on GPU/TPU).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  if jax.process_index() != 0:  # one progress log per job
+    logging.getLogger("fedbif_jax").setLevel(logging.WARNING)
+  logging.getLogger("fedbif_jax").info(
+      "jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+      jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from fedbif_jax.errors import ConfigError
-  from fedbif_jax.train import TrainingDiverged, train_and_evaluate
   if FLAGS.config is None or FLAGS.workdir is None:
     print("error: --config and --workdir are required, e.g. "
           "python launch.py --config=configs/quickstart.py --workdir=/tmp/quickstart", file=sys.stderr)
     sys.exit(2)
+  if distributed_requested(FLAGS.config):
+    try:
+      initialize_distributed(FLAGS.config)
+    except (RuntimeError, ValueError) as e:
+      print(f"error: distributed: jax.distributed.initialize failed: {_one_line(e)}", file=sys.stderr)
+      sys.exit(2)
+  from fedbif_jax.train import TrainingDiverged, train_and_evaluate
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:

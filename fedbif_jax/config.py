@@ -31,6 +31,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.wire_check_every = 10          # rounds; every k-th round (t % k == 0) encode + decode the
                                    # payloads and fail unless bytes and values match (0: never)
 
+  # Multi-process (multi-host) runs: launch.py calls jax.distributed.initialize() when `enabled`,
+  # or when the environment sets JAX_COORDINATOR_ADDRESS or FEDBIF_DISTRIBUTED=1. Empty / 0 / -1
+  # fields are left to JAX (JAX_COORDINATOR_ADDRESS; cluster detection on Cloud TPU, Slurm,
+  # Open MPI).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.enabled = False
+  c.distributed.coordinator_address = ""  # host:port of process 0
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+
   c.model = ml_collections.ConfigDict()
   c.model.name = "cnn"
 

@@ -12,8 +12,11 @@ Backends (``config.parallel``):
 * ``sharded`` - the vmap program split over a 1-D device mesh (axis ``"clients"``) with
   `jax.shard_map`: each device runs its share of the clients. The round's client count is padded
   to a multiple of the device count with fully masked dummy clients, whose outputs are dropped.
-  The training set is replicated on every device once (`Runner.place`).
-* ``auto`` - ``sequential`` on CPU, ``vmap`` elsewhere.
+  The training set is replicated on every device once (`Runner.place`). The mesh is the
+  global one: in a multi-process job (`jax.distributed`, see launch.py) each process runs the
+  clients on its own devices and the round's outputs are all-gathered.
+* ``auto`` - ``sequential`` on CPU, ``vmap`` elsewhere; ``sharded`` in a multi-process job (the
+  only backend allowed there).
 
 Backends agree to float rounding, but a rounding difference can legitimately change a
 subgradient where a tie is exact: max-pool near-ties, and ReLU at exactly 0 (FedBiF's integer
@@ -49,6 +52,10 @@ class Runner(NamedTuple):
 def resolve_backend(name: str, platform: str | None = None) -> str:
   """The backend `auto` stands for on `platform` (default: JAX's default backend)."""
   check(name in BACKENDS, "parallel", f"one of {', '.join(BACKENDS)}", name)
+  if jax.process_count() > 1:  # a multi-process job: clients over the global device mesh
+    check(name in ("auto", "sharded"), "parallel",
+          f"auto or sharded in a multi-process run ({jax.process_count()} processes)", name)
+    return "sharded"
   if name != "auto":
     return name
   platform = platform or jax.default_backend()
@@ -102,32 +109,61 @@ def _pad_clients(multiple: int, client_states, idx, mask, keys):
   return client_states, idx, mask, keys
 
 
+def _global(x, sharding) -> jax.Array:
+  """A global array of `sharding` from a host value every process holds in full (each process
+  contributes the shards of its own devices): works in one process and across hosts."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def _make_sharded(local: LocalTraining) -> Runner:
+  """Clients split over all (global) devices. In a multi-process job (`jax.distributed`) every
+  process runs this same code on the same host inputs; each computes the clients on its own
+  devices, and the results are all-gathered so that every process holds the round's outputs."""
   devices = jax.devices()
+  multi_process = jax.process_count() > 1
   mesh = jax.sharding.Mesh(np.array(devices), (CLIENT_AXIS,))
   spec, replicated = jax.sharding.PartitionSpec(CLIENT_AXIS), jax.sharding.PartitionSpec()
-  update = jax.jit(jax.shard_map(_batched(local), mesh=mesh,
+  batched = _batched(local)
+
+  def per_shard(downlink, client_states, batches, key_data, data):
+    return batched(downlink, client_states, batches, jax.random.wrap_key_data(key_data), data)
+
+  update = jax.jit(jax.shard_map(per_shard, mesh=mesh,
                                  in_specs=(replicated, spec, spec, spec, replicated),
                                  out_specs=(spec, spec, spec), check_vma=False))
   on_mesh = jax.sharding.NamedSharding(mesh, spec)
   everywhere = jax.sharding.NamedSharding(mesh, replicated)
-  server = devices[0]
+  server = jax.local_devices()[0]
 
   def run(downlink, client_states, idx, mask, keys, data: TrainData):
     num_clients = idx.shape[0]
     client_states, idx, mask, keys = _pad_clients(len(devices), client_states, idx, mask, keys)
-    put = lambda x: jax.device_put(x, on_mesh)
+    put = lambda x: _global(x, on_mesh)
     batches = Batches(put(idx), put(mask))
-    downlink = jax.device_put(downlink, everywhere)  # the broadcast itself
+    key_data = put(jax.device_get(jax.random.key_data(keys)))
+    if multi_process:  # the broadcast itself
+      downlink = jax.tree.map(lambda x: _global(jax.device_get(x), everywhere), downlink)
+    else:
+      downlink = jax.device_put(downlink, everywhere)
     uplinks, states, metrics = update(downlink, jax.tree.map(put, client_states), batches,
-                                      put(keys), data)
+                                      key_data, data)
+    if multi_process:
+      from jax.experimental import multihost_utils
+      uplinks, states, metrics = multihost_utils.process_allgather((uplinks, states, metrics),
+                                                                   tiled=True)
     real = lambda tree: jax.tree.map(lambda x: x[:num_clients], tree)  # drop the dummy clients
-    # The uplinks reach the server (device 0), so that server-side code sees the same
-    # placement every round and is never recompiled.
+    # The uplinks reach the server (this process's first device), so that server-side code sees
+    # the same placement every round and is never recompiled.
     to_server = lambda tree: jax.device_put(real(tree), server)
     return to_server(uplinks), _to_host(real(states)), to_server(metrics)
 
-  return Runner(run, lambda data: jax.device_put(data, everywhere))
+  def place(data: TrainData) -> TrainData:
+    if multi_process:
+      return jax.tree.map(lambda x: _global(x, everywhere), data)
+    return jax.device_put(data, everywhere)
+
+  return Runner(run, place)
 
 
 def make_runner(backend: str, local: LocalTraining, unroll: int = 1) -> Runner:

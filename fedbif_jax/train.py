@@ -17,7 +17,13 @@ exact same rounds):
    directory and renamed), so a killed run resumes from its last complete checkpoint.
 
 The workdir holds ``config.json``, ``metrics.jsonl``, ``summary.json``, ``curves.png`` and
-``checkpoints/``.
+``checkpoints/``. In a multi-process job (`jax.distributed`, started by launch.py) every process
+runs this loop; clients are sharded over the global device mesh, and only process 0 writes.
+
+What a run derives from its config (`build_job`: data, partition, model, algorithm, local
+training, initial variables, keys), the plan of round t (`plan_round`: steps 1 and 3's clients,
+weights, schedule and keys) and the traffic figures of step 5 (`traffic`) are public so that the
+Flower deployment (`fedbif_jax/deploy/`) computes the very same rounds in other processes.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import logging
 
@@ -42,8 +48,8 @@ from fedbif_jax import metrics as metrics_lib
 from fedbif_jax import parallel
 from fedbif_jax import wire
 from fedbif_jax.algorithms import get_algorithm
-from fedbif_jax.algorithms.base import RoundInfo
-from fedbif_jax.client import TrainData, make_local_training
+from fedbif_jax.algorithms.base import Algorithm, RoundInfo
+from fedbif_jax.client import LocalTraining, TrainData, make_local_training
 from fedbif_jax.errors import check, check_positive_number
 from fedbif_jax.models import MODELS, bit_trained_predicate, get_model
 
@@ -100,6 +106,110 @@ def _sample_clients(seed: int, round_index: int, num_clients: int, per_round: in
   rng = np.random.default_rng([seed, 2, round_index])
   return np.sort(rng.choice(num_clients, per_round, replace=False))
 
+
+
+class Job(NamedTuple):
+  """Everything a run derives from its config alone, the same in every process that builds it
+  (this simulator; the server and each client of `fedbif_jax/deploy/`)."""
+  dataset: data_lib.Dataset
+  parts: list                 # each client's training indices (int arrays), by client id
+  sizes: np.ndarray           # int [num_clients], len(parts[c])
+  model: Any                  # the Flax module
+  predicate: Any              # which params are compressed ("weights")
+  algorithm: Algorithm
+  local: LocalTraining        # the shared local training of `fedbif_jax/client.py`
+  variables: Any              # the initial Flax variables
+  num_weights: int            # number of compressed weights: the bpp denominator
+  k_server: jax.Array         # algorithm.init's key
+  k_clients: jax.Array        # client c's init_client key is fold_in(k_clients, c)
+  k_rounds: jax.Array         # round t's key is fold_in(k_rounds, t)
+  max_steps: int              # every round's schedule is padded to this many steps
+
+
+class RoundPlan(NamedTuple):
+  """Round t as the server decides it before broadcasting (steps 1-3 of the module docstring)."""
+  ids: np.ndarray             # int [C], the selected client ids, ascending
+  info: RoundInfo             # their aggregation weights and example counts (float32 [C])
+  round_key: jax.Array        # fold_in(k_rounds, t)
+  broadcast_key: jax.Array    # algorithm.broadcast's key
+  idx: np.ndarray             # int32 [C, max_steps, B], the padded batch schedule
+  mask: np.ndarray            # float32 [C, max_steps, B]
+  keys: jax.Array             # PRNG keys [C], client i's local-training key
+
+
+def build_job(config: ml_collections.ConfigDict) -> Job:
+  """Loads the data, partitions it, builds the model, the algorithm and its local training, and
+  initialises the variables, all seeded by ``config.seed``. Raises ConfigError on bad input."""
+  validate_config(config)
+  dataset = data_lib.load_dataset(
+      config.data.source, name=config.data.name, path=config.data.path,
+      data_dir=config.data.data_dir or None, train_subset=config.data.train_subset,
+      subset_seed=config.seed, test_subset=config.data.test_subset,
+      normalization=config.data.normalization)
+  parts = data_lib.partition(config.data.partition, dataset.y_train, config.num_clients,
+                             np.random.default_rng(config.seed), mu=config.data.mu,
+                             min_size=config.data.min_size)
+  log.info("data %s: %d train / %d test; %s", dataset.name, len(dataset.y_train),
+               len(dataset.y_test), data_lib.describe_partition(parts, dataset.y_train,
+                                                               dataset.num_classes))
+  model = get_model(config.model.name, dataset.num_classes)
+  predicate = bit_trained_predicate(model, (1,) + dataset.x_train.shape[1:],
+                                    config.fedbif.full_precision_first_last)
+  algorithm = get_algorithm(config, predicate)
+  key = jax.random.key(config.seed)
+  k_model, k_server, k_clients, k_rounds = jax.random.split(key, 4)
+  sample = jnp.zeros((1,) + dataset.x_train.shape[1:], jnp.float32)
+  variables = jax.jit(lambda k: model.init(k, sample, train=False))(k_model)
+  num_weights = sum(x.size for x in jax.tree.leaves(
+      bits_lib.split_params(variables["params"], predicate)[0]))
+  local = make_local_training(algorithm, model, optax.sgd(config.lr), dataset.mean, dataset.std,
+                              augment=config.data.augment)
+  sizes = np.array([len(p) for p in parts])
+  max_steps = config.local_epochs * data_lib.steps_per_epoch(int(sizes.max()), config.batch_size)
+  return Job(dataset, parts, sizes, model, predicate, algorithm, local, variables, num_weights,
+             k_server, k_clients, k_rounds, max_steps)
+
+
+def plan_round(config: ml_collections.ConfigDict, job: Job, t: int) -> RoundPlan:
+  """Round t's clients, weights, padded batch schedule and keys (a pure function of the config,
+  the job and t, so a resumed run or another process computes the same plan)."""
+  round_key = jax.random.fold_in(job.k_rounds, t)
+  ids = _sample_clients(config.seed, t, config.num_clients, config.clients_per_round)
+  sizes = job.sizes
+  if config.aggregation_weights == "uniform":
+    weights = np.full(len(ids), 1.0 / len(ids), np.float32)
+  else:
+    weights = (sizes[ids] / sizes[ids].sum()).astype(np.float32)
+  info = RoundInfo(jnp.asarray(weights), jnp.asarray(sizes[ids], jnp.float32))
+  idx, mask = data_lib.round_batches([job.parts[c] for c in ids], config.batch_size,
+                                     config.local_epochs,
+                                     np.random.default_rng([config.seed, 1, t]))
+  idx, mask = parallel.pad_steps(idx, mask, job.max_steps)  # fixed shapes: no recompilation
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(round_key, 1),
+                                                         jnp.asarray(ids))
+  return RoundPlan(ids, info, round_key, jax.random.fold_in(round_key, 0), idx, mask, keys)
+
+
+def traffic(downlink: Any, uplinks: Any, num_weights: int) -> dict:
+  """The ledger of one round: bytes as `wire.encode` writes the payloads (the downlink once per
+  receiving client, each client's uplink) and bits per compressed weight.
+
+  `uplinks` are stacked over the C receiving clients (leading axis), as the runner returns them.
+  Returns the ``metrics.jsonl`` fields uplink_bits, downlink_bits (8 x bytes, all clients),
+  uplink_bpp, downlink_bpp (weights only) and uplink_total_bpp, downlink_total_bpp.
+  """
+  up_sizes = wire.encoded_sizes(uplinks)              # one message per client
+  num_clients = len(up_sizes)
+  down_bytes = wire.encoded_size(downlink)            # one message, sent to each client
+  up_bytes = int(up_sizes.sum())
+  return {
+      "uplink_bits": 8 * up_bytes,
+      "downlink_bits": 8 * down_bytes * num_clients,
+      "uplink_bpp": wire.weight_bits(uplinks) / (num_weights * num_clients),
+      "downlink_bpp": wire.weight_bits(downlink) / num_weights,
+      "uplink_total_bpp": 8 * up_bytes / (num_weights * num_clients),
+      "downlink_total_bpp": 8 * down_bytes / num_weights,
+  }
 
 
 class _Store:
@@ -164,7 +274,8 @@ def _read_metrics(path: str, upto_round: int) -> list[dict]:
   return rows
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
+def write_json_atomic(path: str, obj: Any) -> None:
+  """Writes JSON through a temporary file and a rename: readers never see half a file."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
@@ -204,49 +315,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  dataset = data_lib.load_dataset(
-      config.data.source, name=config.data.name, path=config.data.path,
-      data_dir=config.data.data_dir or None, train_subset=config.data.train_subset,
-      subset_seed=config.seed, test_subset=config.data.test_subset,
-      normalization=config.data.normalization)
-  parts = data_lib.partition(config.data.partition, dataset.y_train, config.num_clients,
-                             np.random.default_rng(config.seed), mu=config.data.mu,
-                             min_size=config.data.min_size)
-  log.info("data %s: %d train / %d test; %s", dataset.name, len(dataset.y_train),
-               len(dataset.y_test), data_lib.describe_partition(parts, dataset.y_train,
-                                                               dataset.num_classes))
-  model = get_model(config.model.name, dataset.num_classes)
-  predicate = bit_trained_predicate(model, (1,) + dataset.x_train.shape[1:],
-                                    config.fedbif.full_precision_first_last)
-  algorithm = get_algorithm(config, predicate)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  job = build_job(config)
+  algorithm, dataset = job.algorithm, job.dataset
+  # Multi-process jobs (jax.distributed): every process runs this loop on the same inputs; only
+  # process 0 writes files (orbax coordinates the checkpoint writes itself).
+  writer = jax.process_index() == 0
+  multi_process = jax.process_count() > 1
+  if writer:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
-  key = jax.random.key(config.seed)
-  k_model, k_server, k_clients, k_rounds = jax.random.split(key, 4)
-  sample = jnp.zeros((1,) + dataset.x_train.shape[1:], jnp.float32)
-  variables = jax.jit(lambda k: model.init(k, sample, train=False))(k_model)
-  num_weights = sum(x.size for x in jax.tree.leaves(
-      bits_lib.split_params(variables["params"], predicate)[0]))
-  # The server's state lives on device 0, committed, so that its placement is the same before
-  # and after the first aggregation (a changed placement would recompile broadcast/aggregate).
-  server_device = jax.devices()[0]
-  server_state = jax.device_put(algorithm.init(k_server, variables), server_device)
-  store = _Store(algorithm.init_client, variables, k_clients)
+  # The server's state lives on this process's first device, committed, so that its placement is
+  # the same before and after the first aggregation (a changed placement would recompile
+  # broadcast/aggregate). In a multi-process job every process computes it, identically.
+  server_device = jax.local_devices()[0]
+  server_state = jax.device_put(algorithm.init(job.k_server, job.variables), server_device)
+  store = _Store(algorithm.init_client, job.variables, job.k_clients)
 
-  local = make_local_training(algorithm, model, optax.sgd(config.lr), dataset.mean, dataset.std,
-                              augment=config.data.augment)
-  runner = parallel.make_runner(config.parallel, local, config.unroll)
+  runner = parallel.make_runner(config.parallel, job.local, config.unroll)
   broadcast = jax.jit(algorithm.broadcast)
   aggregate = jax.jit(algorithm.aggregate)
-  probe = (metrics_lib.make_lipschitz_probe(model, algorithm.eval_variables,
+  probe = (metrics_lib.make_lipschitz_probe(job.model, algorithm.eval_variables,
                                             dataset.x_train.shape[1:], config.lipschitz_iterations)
            if config.lipschitz_every else None)
-  evaluate = metrics_lib.make_evaluator(model, algorithm.eval_variables, dataset,
+  evaluate = metrics_lib.make_evaluator(job.model, algorithm.eval_variables, dataset,
                                         config.eval_batch_size)
   train_data = runner.place(TrainData(dataset.x_train, dataset.y_train))
-  sizes = np.array([len(p) for p in parts])
-  max_steps = config.local_epochs * data_lib.steps_per_epoch(int(sizes.max()), config.batch_size)
 
   # Resume from the last complete checkpoint, if any.
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -259,32 +353,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_round = int(manager.latest_step())
     log.info("resumed from %s at round %d", ckpt_dir, start_round)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  rows = _rewind_jsonl(metrics_path, start_round)
   histograms_path = os.path.join(workdir, "histograms.jsonl")
-  if os.path.exists(histograms_path):
-    _rewind_jsonl(histograms_path, start_round)
+  if writer:
+    rows = _rewind_jsonl(metrics_path, start_round)
+    if os.path.exists(histograms_path):
+      _rewind_jsonl(histograms_path, start_round)
+  else:
+    rows = _read_metrics(metrics_path, start_round)
 
   cum_up = rows[-1]["cumulative_uplink_bytes"] if rows else 0.0
   cum_down = rows[-1]["cumulative_downlink_bytes"] if rows else 0.0
   t_start = time.time()
   for t in range(start_round, config.rounds):
     t_round = time.time()
-    round_key = jax.random.fold_in(k_rounds, t)
-    ids = _sample_clients(config.seed, t, config.num_clients, config.clients_per_round)
-    if config.aggregation_weights == "uniform":
-      weights = np.full(len(ids), 1.0 / len(ids), np.float32)
-    else:
-      weights = (sizes[ids] / sizes[ids].sum()).astype(np.float32)
-    info = RoundInfo(jnp.asarray(weights), jnp.asarray(sizes[ids], jnp.float32))
-    downlink = broadcast(server_state, jax.random.fold_in(round_key, 0), info)
-    idx, mask = data_lib.round_batches([parts[c] for c in ids], config.batch_size,
-                                       config.local_epochs, np.random.default_rng([config.seed, 1, t]))
-    idx, mask = parallel.pad_steps(idx, mask, max_steps)  # fixed shapes: no recompilation
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(round_key, 1),
-                                                           jnp.asarray(ids))
-    uplinks, new_states, client_metrics = runner.run(downlink, store.gather(ids), idx, mask,
-                                                      keys, train_data)
-    new_server_state = aggregate(server_state, downlink, uplinks, info.weights, client_metrics)
+    plan = plan_round(config, job, t)
+    ids = plan.ids
+    downlink = broadcast(server_state, plan.broadcast_key, plan.info)
+    uplinks, new_states, client_metrics = runner.run(downlink, store.gather(ids), plan.idx,
+                                                      plan.mask, plan.keys, train_data)
+    new_server_state = aggregate(server_state, downlink, uplinks, plan.info.weights,
+                                 client_metrics)
     test_acc, test_loss = evaluate(new_server_state)
     host_metrics = jax.device_get(client_metrics)
     train_loss = float(host_metrics["loss_sum"].sum() / max(host_metrics["count"].sum(), 1.0))
@@ -296,25 +384,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     server_state = new_server_state
     store.scatter(ids, new_states)
 
-    down_bytes = wire.encoded_size(downlink)            # one message, sent to each client
-    up_bytes = int(wire.encoded_sizes(uplinks).sum())   # one message per client
+    sent = traffic(downlink, uplinks, job.num_weights)
     if config.wire_check_every and t % config.wire_check_every == 0:
       wire.verify(downlink, "downlink")
       for i in range(len(ids)):
         wire.verify(wire.unstack(uplinks, i), f"uplink of client {int(ids[i])}")
-    cum_down += down_bytes * len(ids)
-    cum_up += up_bytes
+    cum_down += sent["downlink_bits"] // 8
+    cum_up += sent["uplink_bits"] // 8
     row = {
         "round": t,
         "test_accuracy": test_acc,
         "test_loss": test_loss,
         "train_loss": train_loss,
-        "uplink_bits": 8 * up_bytes,
-        "downlink_bits": 8 * down_bytes * len(ids),
-        "uplink_bpp": wire.weight_bits(uplinks) / (num_weights * len(ids)),
-        "downlink_bpp": wire.weight_bits(downlink) / num_weights,
-        "uplink_total_bpp": 8 * up_bytes / (num_weights * len(ids)),
-        "downlink_total_bpp": 8 * down_bytes / num_weights,
+        **sent,
         "cumulative_uplink_bytes": cum_up,
         "cumulative_downlink_bytes": cum_down,
         "cumulative_bytes": cum_up + cum_down,
@@ -323,12 +405,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "wall_seconds": time.time() - t_round,
     }
     if probe and (t % config.lipschitz_every == 0 or t + 1 == config.rounds):
-      row["lipschitz"], histogram = probe(server_state, jax.random.fold_in(round_key, 2))
-      with open(histograms_path, "a") as f:
-        f.write(json.dumps({"round": t, **histogram}) + "\n")
+      row["lipschitz"], histogram = probe(server_state, jax.random.fold_in(plan.round_key, 2))
+      if writer:
+        with open(histograms_path, "a") as f:
+          f.write(json.dumps({"round": t, **histogram}) + "\n")
     rows.append(row)
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    if writer:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
     done = t + 1 - start_round
     eta = (time.time() - t_start) / done * (config.rounds - t - 1)
     log.info("round %d/%d  acc %.4f  loss %.4f  train %.4f  up %.3f bpp  down %.3f bpp  "
@@ -337,12 +421,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  (cum_up + cum_down) / 1e6, row["sparsity"], row["wall_seconds"], _format_eta(eta))
     last = t + 1 == config.rounds
     if config.checkpoint_every and ((t + 1) % config.checkpoint_every == 0 or last):
-      manager.save(t + 1, args=ocp.args.StandardSave({"server": server_state,
+      # Across processes, host copies: every process holds the same values, process 0 writes.
+      server_saved = jax.device_get(server_state) if multi_process else server_state
+      manager.save(t + 1, args=ocp.args.StandardSave({"server": server_saved,
                                                        "clients": store.to_checkpoint()}))
   manager.wait_until_finished()
 
   summary = _summary(rows, config)
-  _write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-  metrics_lib.plot_curves(rows, os.path.join(workdir, "curves.png"), title=config.algorithm)
+  if writer:
+    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    metrics_lib.plot_curves(rows, os.path.join(workdir, "curves.png"), title=config.algorithm)
   log.info("summary: %s", json.dumps(summary))
   return summary

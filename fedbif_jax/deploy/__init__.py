@@ -1,0 +1,15 @@
+"""A real client/server deployment of the library's algorithms over Flower (an optional extra).
+
+Modules:
+
+* `payload` - `wire.py` payloads as uint8 arrays and back, the uplink structure the server expects
+  in a round, and the validator that turns any malformed client bytes into a one-line
+  `PayloadError` (no flwr import);
+* `roles` - the server's and a client's part of a round, built from the simulator's own pieces
+  (`train.build_job`, `train.plan_round`, `algorithm.broadcast` / `aggregate`, the local training
+  of `client.py`), so that a deployment computes the simulator's rounds (no flwr import);
+* `flower` - the Flower ServerApp / ClientApp that carry those bytes, and the command line that
+  starts a SuperLink, SuperNodes and a run on one machine (needs ``requirements-flower.txt``).
+
+Nothing in the core library or the quickstart imports this package.
+"""

@@ -1,0 +1,225 @@
+"""The server's and a client's part of a round, independent of the transport (no flwr import).
+
+Owns what the Flower apps (`flower.py`) run on each side. Both sides build the simulator's own
+pieces from the config (`train.build_job`: data, partition, model, algorithm, local training,
+keys) and plan round t with `train.plan_round`, so a deployment computes the simulator's rounds:
+
+* `Server.open_round(t)`: the plan (selected client ids, weights, schedule, keys), the downlink
+  of ``algorithm.broadcast`` and its `wire.encode` bytes (one message, sent to every selected
+  client), and the spec of the uplink this round expects (`payload.uplink_spec`);
+* `Client.train(t, client_id, downlink, state)`: decodes the downlink and runs the library's
+  local training (`fedbif_jax/parallel.py`'s runner over this one client, with the plan's batch
+  schedule and key), returning the uplink bytes, the client's ``loss_sum`` / ``count`` and its
+  new persistent state;
+* `Server.close_round(round, replies)`: validates every reply (`payload.validate` for the bytes,
+  finite non-negative numbers for the metrics). A client whose reply is missing or malformed is
+  dropped with a logged one-line reason; the others are aggregated (``algorithm.aggregate``)
+  with the plan's weights renormalised over them (unchanged when nobody is dropped). Then the
+  global model is evaluated and the round's row is returned: accuracy and losses, who was
+  accepted or dropped and why, the ledger of `train.traffic` over the accepted clients, and the
+  payload bytes actually sent and received.
+
+With every client accepted, the server state after round t equals the simulator's bit for bit on
+the same backend (``parallel=sequential``, the CPU default): the same jitted functions see the same
+values, only their route differs (encoded, sent, decoded). Other backends agree to float rounding.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fedbif_jax import metrics as metrics_lib
+from fedbif_jax import parallel
+from fedbif_jax import train as train_lib
+from fedbif_jax import wire
+from fedbif_jax.client import TrainData
+from fedbif_jax.deploy import payload as payload_lib
+from fedbif_jax.deploy.payload import PayloadError
+
+log = logging.getLogger("fedbif_jax")
+
+
+class Round(NamedTuple):
+  """Round t as the server opened it."""
+  t: int
+  plan: train_lib.RoundPlan
+  downlink: Any          # the broadcast payload (on the device)
+  message: np.ndarray    # uint8, wire.encode(downlink): what every selected client receives
+  spec: Any              # the uplink every client must send (`payload.uplink_spec`)
+  started: float         # time.time() when the round opened
+
+
+class Reply(NamedTuple):
+  """What a client sent back, unchecked: its uplink bytes (bytes or a uint8 array) and metrics."""
+  data: Any
+  metrics: Mapping[str, Any]
+
+
+def _nbytes(data: Any) -> int:
+  if isinstance(data, (bytes, bytearray, memoryview)):
+    return len(data)
+  return int(data.nbytes) if isinstance(data, np.ndarray) else 0
+
+
+def _client_metrics(metrics: Any, name: str) -> tuple[float, float]:
+  """(loss_sum, count) from a client's reported metrics; PayloadError unless both are finite
+  numbers and count >= 0."""
+  try:
+    loss_sum, count = float(metrics["loss_sum"]), float(metrics["count"])
+  except Exception as e:  # noqa: BLE001 - anything unreadable is a malformed reply
+    raise PayloadError(f"{name}: metrics need numbers loss_sum and count "
+                       f"({type(e).__name__})") from None
+  if not (math.isfinite(loss_sum) and math.isfinite(count) and count >= 0 and loss_sum >= 0):
+    raise PayloadError(f"{name}: metrics loss_sum={loss_sum}, count={count} (must be finite, >= 0)")
+  return loss_sum, count
+
+
+def _stack(payloads: list) -> Any:
+  return jax.tree.map(lambda *xs: np.stack(xs), *payloads)
+
+
+class Server:
+  """The global model of a deployment and the two halves of its rounds."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.job = job = train_lib.build_job(config)
+    algorithm = job.algorithm
+    # Committed to the first device like the simulator's, so that placements (and compiled
+    # programs) agree.
+    self.state = jax.device_put(algorithm.init(job.k_server, job.variables),
+                                jax.local_devices()[0])
+    self._broadcast = jax.jit(algorithm.broadcast)
+    self._aggregate = jax.jit(algorithm.aggregate)
+    self._evaluate = metrics_lib.make_evaluator(job.model, algorithm.eval_variables, job.dataset,
+                                                config.eval_batch_size)
+    self._client_state = jax.eval_shape(algorithm.init_client, job.k_clients, job.variables)
+
+  def open_round(self, t: int) -> Round:
+    started = time.time()
+    plan = train_lib.plan_round(self.config, self.job, t)
+    downlink = self._broadcast(self.state, plan.broadcast_key, plan.info)
+    spec = payload_lib.uplink_spec(self.job.local, downlink, self._client_state, plan.keys[0])
+    return Round(t, plan, downlink, payload_lib.to_array(downlink), spec, started)
+
+  def close_round(self, rnd: Round, replies: Mapping[int, Reply | str]) -> dict:
+    """Validates, aggregates the accepted clients and evaluates; returns the round's row.
+
+    Args:
+      rnd: the round as `open_round` returned it.
+      replies: by client id, a `Reply` or a reason why there is none (e.g. a transport error);
+        a selected client absent from the mapping counts as "no reply".
+    Raises:
+      train.TrainingDiverged: the aggregated model has a non-finite loss.
+    """
+    t, ids = rnd.t, [int(c) for c in rnd.plan.ids]
+    accepted, uplinks, loss_sums, counts, dropped = [], [], [], [], {}
+    received = accepted_bytes = 0
+    for i, c in enumerate(ids):
+      reply = replies.get(c, "no reply")
+      if isinstance(reply, Reply):
+        received += _nbytes(reply.data)
+      name = f"uplink of client {c}"
+      try:
+        if not isinstance(reply, Reply):
+          raise PayloadError(f"{name}: {reply}")
+        uplink = payload_lib.validate(reply.data, rnd.spec, name)
+        loss_sum, count = _client_metrics(reply.metrics, name)
+      except PayloadError as e:
+        dropped[c] = str(e)
+        log.warning("round %d: dropped client %d: %s", t, c, e)
+        continue
+      accepted.append(i)
+      uplinks.append(uplink)
+      loss_sums.append(loss_sum)
+      counts.append(count)
+      accepted_bytes += _nbytes(reply.data)
+
+    row = {"round": t, "selected": ids, "accepted": [ids[i] for i in accepted],
+           "dropped": {str(c): r for c, r in dropped.items()}}
+    if accepted:
+      weights = rnd.plan.info.weights
+      if len(accepted) < len(ids):  # renormalise over the clients that made it
+        kept = np.asarray(weights, np.float64)[accepted]
+        weights = jnp.asarray(kept / kept.sum(), jnp.float32)
+      stacked = _stack(uplinks)
+      client_metrics = {"loss_sum": jnp.asarray(np.array(loss_sums, np.float32)),
+                        "count": jnp.asarray(np.array(counts, np.float32))}
+      new_state = self._aggregate(self.state, rnd.downlink, stacked, weights, client_metrics)
+      row.update(train_lib.traffic(rnd.downlink, stacked, self.job.num_weights))
+      train_loss = float(np.sum(loss_sums) / max(np.sum(counts), 1.0))
+    else:
+      log.error("round %d: no client's uplink was accepted; the global model is unchanged", t)
+      new_state, train_loss = self.state, float("nan")
+    test_acc, test_loss = self._evaluate(new_state)
+    if not math.isfinite(test_loss) or (accepted and not math.isfinite(train_loss)):
+      raise train_lib.TrainingDiverged(
+          f"round {t}: non-finite loss (train {train_loss}, test {test_loss}); stopped")
+    self.state = new_state
+    row.update({
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "train_loss": train_loss,
+        # Payload bytes that crossed the transport (wire.encode output, no transport framing).
+        "downlink_message_bytes": int(rnd.message.size),
+        "downlink_bytes_sent": int(rnd.message.size) * len(ids),
+        "uplink_bytes_received": received,
+        "uplink_bytes_accepted": accepted_bytes,
+        "sparsity": metrics_lib.sparsity(rnd.downlink),
+        "wall_seconds": time.time() - rnd.started,
+    })
+    return row
+
+  def eval_variables(self) -> Any:
+    return self.job.algorithm.eval_variables(self.state)
+
+
+class Client:
+  """One process's client side: local training of whichever client id a message names."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.job = job = train_lib.build_job(config)
+    self._runner = parallel.make_runner(config.parallel, job.local, config.unroll)
+    self._data = self._runner.place(TrainData(job.dataset.x_train, job.dataset.y_train))
+    self._init = jax.jit(job.algorithm.init_client)
+    self.state_spec = payload_lib.spec_of(
+        jax.eval_shape(job.algorithm.init_client, job.k_clients, job.variables))
+
+  def initial_state(self, client_id: int) -> Any:
+    """Client `client_id`'s state before its first round, as the simulator creates it."""
+    state = self._init(jax.random.fold_in(self.job.k_clients, int(client_id)), self.job.variables)
+    return jax.tree.map(np.asarray, jax.device_get(state))
+
+  def train(self, t: int, client_id: int, downlink: Any, state: Any
+            ) -> tuple[np.ndarray, dict, Any]:
+    """Client `client_id`'s round t from the downlink's bytes (or uint8 array).
+
+    Returns (uplink as a uint8 array, {"loss_sum", "count"} as floats, new state on the host).
+    Raises PayloadError for a downlink that does not decode, ValueError when the client is not
+    selected in round t.
+    """
+    plan = train_lib.plan_round(self.config, self.job, t)
+    where = np.flatnonzero(plan.ids == int(client_id))
+    if not where.size:
+      raise ValueError(f"client {client_id} is not selected in round {t} "
+                       f"(selected: {plan.ids.tolist()})")
+    i = int(where[0])
+    # On device 0, committed, as the simulator's broadcast leaves it: the same placement, so the
+    # same compiled programs (and entries of JAX's persistent compilation cache).
+    decoded = jax.device_put(payload_lib.from_array(downlink, "downlink"), jax.local_devices()[0])
+    stacked = jax.tree.map(lambda x: np.asarray(x)[None], state)
+    uplinks, states, metrics = self._runner.run(decoded, stacked, plan.idx[i:i + 1],
+                                                plan.mask[i:i + 1], plan.keys[i:i + 1], self._data)
+    metrics = jax.device_get(metrics)
+    new_state = jax.tree.map(lambda x: np.asarray(x[0]), states)
+    return (payload_lib.to_array(wire.unstack(uplinks, 0)),
+            {"loss_sum": float(metrics["loss_sum"][0]), "count": float(metrics["count"][0])},
+            new_state)

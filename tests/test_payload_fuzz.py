@@ -1,0 +1,455 @@
+"""The server's uplink validator under malformed input, and a server that drops a garbage client.
+
+Hundreds of truncated, extended, bit-flipped, crafted and random payloads (systematic cases from
+real FedBiF and FedAvg uplinks plus hypothesis) go through `payload.validate`: each one either
+decodes to a payload with exactly the expected structure or raises `PayloadError` with a
+one-line message, never another exception. The server-level test runs the Flower ServerApp's
+round loop (`flower.run_server`) over an in-process Grid that hands every message to the real
+ClientApp, with one client's reply replaced by garbage: the round completes with the others and
+the reason is logged.
+"""
+import io
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fedbif_jax import wire  # noqa: E402
+from fedbif_jax.deploy import payload  # noqa: E402
+from fedbif_jax.deploy.payload import Leaf, PayloadError  # noqa: E402
+from fedbif_jax.wire import Bits  # noqa: E402
+
+CONFIG = "configs/quickstart.py"
+OVERRIDES = ["--config.num_clients=3", "--config.rounds=2", "--config.local_epochs=1"]
+
+
+def _config(algorithm):
+  from fedbif_jax.deploy import flower
+  return flower.load_config(CONFIG, OVERRIDES + [f"--config.algorithm={algorithm}"])
+
+
+ROLES = {}  # algorithm -> (roles.Server, roles.Client, its round 0), built by `real`
+
+
+@pytest.fixture(scope="module")
+def real():
+  """{algorithm: (round-0 uplink spec, client 0's real uplink bytes)} for FedBiF and FedAvg."""
+  from fedbif_jax.deploy import roles
+  out = {}
+  for algorithm in ("fedbif", "fedavg"):
+    config = _config(algorithm)
+    server, client = roles.Server(config), roles.Client(config)
+    rnd = server.open_round(0)
+    uplink, _, _ = client.train(0, 0, rnd.message, client.initial_state(0))
+    out[algorithm] = (rnd.spec, uplink.tobytes())
+    ROLES[algorithm] = (server, client, rnd)
+  return out
+
+
+def _conforms(decoded, spec) -> bool:
+  """The decoded payload has exactly the spec's structure (a free width matches any)."""
+  got = payload.spec_of(decoded)
+
+  def same(a, b):
+    if isinstance(b, dict):
+      return isinstance(a, dict) and set(a) == set(b) and all(same(a[k], b[k]) for k in b)
+    if isinstance(b, (list, tuple)):
+      return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+    return (a.shape == b.shape and a.dtype == b.dtype and a.bits == b.bits
+            and (b.width is None or a.width == b.width))
+  return same(got, spec)
+
+
+def _all_finite(decoded) -> bool:
+  import jax
+  return all(np.isfinite(np.asarray(x, np.float64)).all() for x in jax.tree.leaves(decoded)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+REASONS = []  # the PayloadError messages of the last check / decode_only calls
+
+
+def decode_only(data) -> str:
+  """`payload.from_array` (the decoder guard without a spec): a payload or a one-line
+  PayloadError, nothing else."""
+  try:
+    payload.from_array(data, "uplink")
+  except PayloadError as e:
+    assert str(e) and "\n" not in str(e), repr(str(e))
+    REASONS.append(str(e))
+    return "rejected"
+  return "decoded"
+
+
+def check(data, spec) -> str:
+  """'ok' (a conforming, finite payload) or 'rejected' (PayloadError, one line); anything else
+  fails the test."""
+  try:
+    decoded = payload.validate(data, spec, "uplink")
+  except PayloadError as e:
+    message = str(e)
+    assert message and "\n" not in message, repr(message)
+    REASONS.append(message)
+    return "rejected"
+  assert _conforms(decoded, spec) and _all_finite(decoded), "accepted a payload off the spec"
+  return "ok"
+
+
+def test_real_uplinks_pass_and_widths_are_fixed(real):
+  spec, data = real["fedbif"]
+  assert check(data, spec) == "ok" and check(np.frombuffer(data, np.uint8), spec) == "ok"
+  widths = [leaf.width for leaf in _leaves(spec) if leaf.bits]
+  assert widths and set(widths) == {1}, widths  # FedBiF uploads 1 bit per weight, fixed
+  lo, hi = payload.size_bounds(spec)
+  assert lo == hi == len(data)
+  spec, data = real["fedavg"]
+  assert check(data, spec) == "ok" and not any(leaf.bits for leaf in _leaves(spec))
+
+
+@pytest.mark.parametrize("algorithm, widths", [("signsgd", {1}), ("fedpaq", {4}),
+                                                ("feddq", {None}), ("dadaquant", {None})])
+def test_uplink_spec_fixes_the_widths_the_algorithm_fixes(algorithm, widths):
+  """A width the algorithm's program fixes is enforced; a data-dependent one (FedDQ, DAdaQuant)
+  is left free within the dtype, and the length bounds then span the widths."""
+  from fedbif_jax.deploy import roles
+  spec = roles.Server(_config(algorithm)).open_round(0).spec
+  assert {leaf.width for leaf in _leaves(spec) if leaf.bits} == widths
+  lo, hi = payload.size_bounds(spec)
+  assert (lo == hi) == (widths != {None}), (lo, hi)
+
+
+def _leaves(spec):
+  if isinstance(spec, dict):
+    return [x for v in spec.values() for x in _leaves(v)]
+  if isinstance(spec, (list, tuple)):
+    return [x for v in spec for x in _leaves(v)]
+  return [spec]
+
+
+def test_truncations_and_extra_bytes(real):
+  counts = {"ok": 0, "rejected": 0}
+  for algorithm, (spec, data) in real.items():
+    n = len(data)
+    cuts = sorted(set(list(range(0, 64)) + list(range(64, n, max(1, n // 40))) + [n - 1]))
+    for cut in cuts:
+      counts[check(data[:cut], spec)] += 1
+    for extra in (b"\x00", b"\xff" * 7, bytes(range(100)), data):
+      counts[check(data + extra, spec)] += 1
+  print(f"truncations/extensions: {counts}")
+  assert counts["ok"] == 0 and counts["rejected"] >= 150, counts
+
+
+def test_bit_flips(real):
+  """Single-bit flips all over the header and at random places in the data: a flip inside the
+  packed bits or a float gives a different but well-formed payload (accepted if finite), a flip
+  in the structure is rejected."""
+  rng = np.random.default_rng(0)
+  counts = {"ok": 0, "rejected": 0}
+  for algorithm, (spec, data) in real.items():
+    positions = sorted(set(range(0, 8 * 48)) | set(rng.integers(0, 8 * len(data), 120).tolist()))
+    for bit in positions:
+      flipped = bytearray(data)
+      flipped[bit // 8] ^= 1 << (bit % 8)
+      counts[check(bytes(flipped), spec)] += 1
+  print(f"bit flips: {counts}")
+  assert counts["ok"] > 0 and counts["rejected"] > 100, counts
+
+
+def _reencoded(decoded, edit):
+  import copy
+  tree = copy.deepcopy(decoded)
+  edit(tree)
+  return wire.encode(tree)
+
+
+def _first(tree, want):
+  """(parent, key) of the first leaf (depth first, sorted keys) for which want(leaf) holds."""
+  if isinstance(tree, dict):
+    for k in sorted(tree):
+      v = tree[k]
+      if not isinstance(v, (dict, list, tuple)) and want(v):
+        return tree, k
+      found = _first(v, want) if isinstance(v, (dict, list, tuple)) else None
+      if found:
+        return found
+  return None
+
+
+def test_crafted_malformations(real):
+  """Wrong magic/version/tag/dtype code, wrong dtypes, shapes, widths, keys and structure,
+  huge claimed sizes, NaN/inf, deep nesting, bad UTF-8 keys, wrong containers."""
+  bits_spec, bits_data = real["fedbif"]
+  avg_spec, avg_data = real["fedavg"]
+  bits_up = payload.validate(bits_data, bits_spec)
+  avg_up = payload.validate(avg_data, avg_spec)
+  is_bits = lambda v: isinstance(v, Bits)
+  is_float = lambda v: isinstance(v, np.ndarray) and v.dtype == np.float32 and v.size > 1
+  is_matrix = lambda v: isinstance(v, np.ndarray) and v.ndim > 1
+
+  def set_leaf(want, make):
+    def edit(tree):
+      parent, key = _first(tree, want)
+      parent[key] = make(parent[key])
+    return edit
+
+  cases = {
+      "empty": (b"", bits_spec),
+      "magic only": (wire.MAGIC, bits_spec),
+      "wrong magic": (b"XXXX" + bits_data[4:], bits_spec),
+      "wrong version": (b"FBW\x02" + bits_data[4:], bits_spec),
+      "unknown tag": (bits_data[:4] + b"\x09" + bits_data[5:], bits_spec),
+      "fedavg sent for fedbif": (avg_data, bits_spec),
+      "fedbif sent for fedavg": (bits_data, avg_spec),
+      "NaN in a float leaf": (_reencoded(bits_up, set_leaf(is_float, lambda v: np.where(
+          np.arange(v.size).reshape(v.shape) == 0, np.nan, v).astype(np.float32))), bits_spec),
+      "inf in a float leaf": (_reencoded(avg_up, set_leaf(is_float, lambda v: np.full_like(
+          v, np.inf))), avg_spec),
+      "float64 instead of float32": (_reencoded(avg_up, set_leaf(is_float, lambda v: v.astype(
+          np.float64))), avg_spec),
+      "wrong shape": (_reencoded(avg_up, set_leaf(is_matrix, lambda v: v.reshape(-1))), avg_spec),
+      "one element short": (_reencoded(avg_up, set_leaf(is_float, lambda v: v.reshape(-1)[1:])),
+                            avg_spec),
+      "2 bits instead of 1": (_reencoded(bits_up, set_leaf(is_bits, lambda b: Bits(
+          b.values, np.int32(2)))), bits_spec),
+      "int8 bits instead of uint8": (_reencoded(bits_up, set_leaf(is_bits, lambda b: Bits(
+          b.values.astype(np.int8), np.int32(2)))), bits_spec),
+      "plain array instead of Bits": (_reencoded(bits_up, set_leaf(is_bits, lambda b: b.values)),
+                                      bits_spec),
+      "missing key": (_reencoded(avg_up, lambda t: t.pop(sorted(t)[0])), avg_spec),
+      "extra key": (_reencoded(avg_up, lambda t: t.update(evil=np.zeros(3, np.float32))),
+                    avg_spec),
+      "list instead of dict": (wire.encode([avg_up]), avg_spec),
+      # Same length as expected, so the structure check (not the length check) must catch them.
+      "renamed key, same length": (_reencoded(avg_up, lambda t: t.update(
+          weightz=t.pop("weights"))), avg_spec),
+      "int32 instead of float32, same length": (_reencoded(avg_up, set_leaf(
+          is_float, lambda v: v.view(np.int32))), avg_spec),
+      "permuted shape, same length": (_reencoded(avg_up, set_leaf(
+          is_matrix, lambda v: v.reshape(v.shape[::-1]))), avg_spec),
+      "permuted Bits shape, same length": (_reencoded(bits_up, set_leaf(
+          is_bits, lambda b: Bits(b.values.reshape(b.values.shape[::-1]), b.width))), bits_spec),
+      "tuple instead of list": (wire.encode({"weights": (np.zeros(1),)}), {"weights": [
+          Leaf((1,), np.dtype(np.float64))]}),
+      "deeply nested": (wire.MAGIC + b"\x02\x01" * 5000 + b"\x02\x00", avg_spec),
+      "non-UTF-8 key": (wire.MAGIC + b"\x01\x01\x02\xff\xfe\x04\x0b\x00", bits_spec),
+      "huge claimed dims": (wire.MAGIC + b"\x04\x0b\x02" + b"\xff" * 9 + b"\x7f" + b"\x01",
+                            bits_spec),
+      "huge claimed dict size": (wire.MAGIC + b"\x01" + b"\xff" * 9 + b"\x01", bits_spec),
+      "huge claimed key length": (wire.MAGIC + b"\x01\x01" + b"\xff" * 8 + b"\x01", bits_spec),
+      "zero-size huge dims": (wire.MAGIC + b"\x04\x0b\x02\x00" + b"\xff" * 9 + b"\x7f",
+                              {"x": Leaf((0,), np.dtype(np.float32))}),
+      "unknown dtype code": (wire.MAGIC + b"\x04\x63\x01\x01" + b"\x00" * 4,
+                             Leaf((1,), np.dtype(np.float32))),
+      "width 0": (wire.MAGIC + b"\x05\x02\x01\x08\x00" + b"\x00", Leaf(
+          (8,), np.dtype(np.uint8), True, None)),
+      "width 9 for uint8": (wire.MAGIC + b"\x05\x02\x01\x01\x09" + b"\x00\x00", Leaf(
+          (1,), np.dtype(np.uint8), True, None)),
+      "float32 container": (np.frombuffer(bits_data[:len(bits_data) // 4 * 4], np.float32),
+                            bits_spec),
+      "2-D uint8 container": (np.frombuffer(bits_data, np.uint8)[None], bits_spec),
+      "str container": ("FBW\x01", bits_spec),
+      "None": (None, bits_spec),
+      "list of ints": (list(bits_data[:10]), bits_spec),
+  }
+  results, decoded = {}, {}
+  for name, (data, spec) in cases.items():
+    REASONS.clear()
+    results[name], decoded[name] = check(data, spec), decode_only(data)
+    print(f"  {name}: {' | '.join(REASONS)}")
+  assert set(results.values()) == {"rejected"}, results
+  # Well-formed payloads of the wrong structure decode; everything malformed is refused.
+  assert {n for n, r in decoded.items() if r == "decoded"} <= {
+      "fedavg sent for fedbif", "fedbif sent for fedavg", "NaN in a float leaf",
+      "inf in a float leaf", "float64 instead of float32", "wrong shape", "one element short",
+      "2 bits instead of 1", "int8 bits instead of uint8", "plain array instead of Bits",
+      "missing key", "extra key", "list instead of dict", "tuple instead of list",
+      "renamed key, same length", "int32 instead of float32, same length",
+      "permuted shape, same length", "permuted Bits shape, same length"}, decoded
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.binary(max_size=300), st.booleans())
+def test_random_bytes(real, tail, with_magic):
+  spec, _ = real["fedbif"]
+  data = (wire.MAGIC if with_magic else b"") + tail
+  assert check(data, spec) == "rejected"
+  decode_only(data)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(["fedbif", "fedavg"]),
+       st.lists(st.tuples(st.sampled_from(["replace", "insert", "delete"]),
+                          st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=4))
+def test_random_mutations(real, algorithm, edits):
+  spec, data = real[algorithm]
+  mutated = bytearray(data)
+  for kind, where, value in edits:
+    i = where % (len(mutated) + 1)
+    if kind == "insert":
+      mutated.insert(i, value)
+    elif mutated and kind == "delete":
+      del mutated[min(i, len(mutated) - 1)]
+    elif mutated:
+      mutated[min(i, len(mutated) - 1)] = value
+  check(bytes(mutated), spec)
+  decode_only(bytes(mutated))
+
+
+# ----------------------------------------------------------------------------- the Flower layer
+
+
+def test_flower_arrays_that_are_not_payload_arrays():
+  from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+  from fedbif_jax.deploy import flower
+  good = np.arange(10, dtype=np.uint8)
+  npy = Array(np.zeros(4, np.uint8)).data
+  assert b"(4,)" in npy
+  huge = io.BytesIO()  # a .npy header claiming 10^15 bytes (np.load would allocate them)
+  np.lib.format.write_array_header_1_0(huge, {"descr": "|u1", "fortran_order": False,
+                                              "shape": (10 ** 15,)})
+  bad = {
+      "float array": ArrayRecord({"payload": Array(good.astype(np.float32))}),
+      "2-D array": ArrayRecord({"payload": Array(good.reshape(2, 5))}),
+      "no payload entry": ArrayRecord({"other": Array(good)}),
+      "config record": ConfigRecord({"payload": b"FBW\x01"}),
+      "lying .npy header": ArrayRecord({"payload": Array("uint8", (4,), "numpy.ndarray",
+                                                         npy.replace(b"(4,)", b"(9,)"))}),
+      "huge .npy header": ArrayRecord({"payload": Array("uint8", (4,), "numpy.ndarray",
+                                                        huge.getvalue() + b"FBW\x01")}),
+      "not .npy": ArrayRecord({"payload": Array("uint8", (4,), "numpy.ndarray", b"FBW\x01")}),
+      "torch stype": ArrayRecord({"payload": Array("uint8", (4,), "torch.Tensor", b"abcd")}),
+  }
+  for name, record in bad.items():
+    with pytest.raises(PayloadError):
+      flower.read_array(RecordDict({"uplink": record}), "uplink", name)
+  with pytest.raises(PayloadError):
+    flower.read_array(RecordDict({}), "uplink", "missing record")
+  data, size = flower.read_array(RecordDict({"uplink": ArrayRecord({"payload": Array(good)})}),
+                                 "uplink", "good")
+  assert data.tolist() == good.tolist() and size > good.size
+
+
+def test_close_round_renormalises_the_weights_over_accepted_clients(real):
+  """FedAvg, 3 clients, uniform weights 1/3: client 1's uplink is garbage, so the new model is
+  the mean of clients 0 and 2 (weights 1/2), and the reason is recorded."""
+  import jax
+
+  from fedbif_jax.deploy import roles
+  server, client, rnd = ROLES["fedavg"]
+  replies = {}
+  for c in (0, 2):
+    data, metrics, _ = client.train(0, c, rnd.message, client.initial_state(c))
+    replies[c] = roles.Reply(data, metrics)
+  replies[1] = roles.Reply(b"FBW\x01garbage", {"loss_sum": 1.0, "count": 1.0})
+  row = server.close_round(rnd, replies)
+  assert row["accepted"] == [0, 2] and "uplink of client 1" in row["dropped"]["1"], row
+  ups = [payload.validate(replies[c].data, rnd.spec) for c in (0, 2)]
+  expected = jax.tree.map(lambda a, b: 0.5 * a + 0.5 * b, ups[0]["weights"], ups[1]["weights"])
+  got = {k: v for k, v in server.state["params"].items()}
+  for path, want in jax.tree_util.tree_flatten_with_path(expected)[0]:
+    have = got
+    for key in path:
+      have = have[key.key]
+    np.testing.assert_allclose(np.asarray(have), want, rtol=1e-6, atol=1e-7)
+
+
+class _LoopbackGrid:
+  """An in-process Flower Grid: every message goes to `flower.client_app` with the node's own
+  persistent Context; `tamper(message, reply)` may replace a reply."""
+
+  def __init__(self, run_config, num_clients, tamper):
+    from flwr.app import Context, RecordDict
+    self.contexts = {100 + c: Context(run_id=1, node_id=100 + c, node_config={"partition-id": c},
+                                      state=RecordDict(), run_config=run_config)
+                     for c in range(num_clients)}
+    self.tamper = tamper
+
+  def get_node_ids(self):
+    return list(self.contexts)
+
+  def send_and_receive(self, messages, *, timeout=None):
+    from flwr.app import Error, Message
+
+    from fedbif_jax.deploy import flower
+    replies = []
+    for message in messages:
+      try:
+        reply = flower.client_app(message, self.contexts[message.metadata.dst_node_id])
+      except Exception as e:  # what a SuperNode reports when a ClientApp raises
+        reply = Message(Error(code=2, reason=repr(e)), reply_to=message)
+      replies.append(self.tamper(message, reply))
+    return replies
+
+
+def test_server_drops_a_garbage_client_and_finishes_the_round(tmp_path, real):
+  """Round 0: client 1 sends random bytes; round 1: client 2 sends a NaN. Both rounds complete
+  with the other two clients (weights renormalised), the reasons are logged and recorded."""
+  from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+  from fedbif_jax.deploy import flower
+  run_config = {flower.CONFIG_KEY: CONFIG, flower.OVERRIDES_KEY: json.dumps(OVERRIDES),
+                flower.WORKDIR_KEY: str(tmp_path)}
+  rng = np.random.default_rng(1)
+
+  def tamper(message, reply):
+    if message.metadata.message_type != "train":
+      return reply
+    t, client = int(message.content["round"]["round"]), int(message.content["round"]["client-id"])
+    if (t, client) == (0, 1):
+      garbage = rng.integers(0, 256, 5000, dtype=np.uint8)
+    elif (t, client) == (1, 2):
+      decoded = wire.decode(flower.read_array(reply.content, "uplink", "x")[0].tobytes())
+      parent, key = _first(decoded, lambda v: isinstance(v, np.ndarray) and v.dtype == np.float32)
+      parent[key] = np.full_like(parent[key], np.nan)
+      garbage = np.frombuffer(wire.encode(decoded), np.uint8)
+    else:
+      return reply
+    return Message(RecordDict({"uplink": ArrayRecord({"payload": Array(garbage)}),
+                               "metrics": MetricRecord({"loss_sum": 1.0, "count": 1.0})}),
+                   reply_to=message)
+
+  # What flwr-serverapp sets before running a ServerApp (Message() reads it).
+  from flwr.supercore.task_identity import TaskIdentity
+  identity = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+  TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+  logger = logging.getLogger("fedbif_jax")
+  saved = (list(logger.handlers), logger.level, logger.propagate)
+  records = []
+  collect = logging.Handler()
+  collect.emit = records.append
+  logger.addHandler(collect)
+  try:
+    summary = flower.run_server(_LoopbackGrid(run_config, 3, tamper), _config("fedbif"),
+                                str(tmp_path), round_timeout=60, node_timeout=10)
+  finally:
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = identity
+  with open(tmp_path / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  messages = [r.getMessage() for r in records]
+  print("\n".join(m for m in messages if "dropped" in m))
+  assert [r["accepted"] for r in rows] == [[0, 2], [0, 1]], rows
+  assert list(rows[0]["dropped"]) == ["1"] and list(rows[1]["dropped"]) == ["2"]
+  assert "non-finite" in rows[1]["dropped"]["2"], rows[1]["dropped"]
+  assert any("round 0: dropped client 1: uplink of client 1:" in m for m in messages), messages
+  assert any("round 1: dropped client 2:" in m and "non-finite" in m for m in messages)
+  assert summary["rounds"] == 2 and summary["dropped_uplinks"] == 2
+  assert all(math.isfinite(r["test_loss"]) for r in rows)
+  spec, data = real["fedbif"]
+  for row in rows:  # the ledger counts the two accepted clients only
+    assert row["uplink_bytes_accepted"] == 2 * len(data) == row["uplink_bits"] // 8, row
+    assert row["uplink_bytes_received"] > row["uplink_bytes_accepted"]
+  state = np.load(tmp_path / "final_state.npz")
+  assert all(np.isfinite(state[k]).all() for k in state.files if state[k].dtype.kind == "f")
+  assert os.path.exists(tmp_path / "summary.json")
