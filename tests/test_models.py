@@ -382,3 +382,14 @@ def test_backends_agree_with_augmentation_and_batchnorm():
   for a, b in zip(*results):
     chex.assert_trees_all_close(a, b, atol=1e-5, rtol=1e-5)
   assert results[0][0]["model_state"]["batch_stats"]["bn"]["mean"].shape == (3, 8)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 7, 9, 4), (1, 2, 2, 1)])
+def test_max_pool_2x2_equals_flax_max_pool_and_routes_gradient_to_the_max(shape):
+  from fedbif_jax.models.layers import max_pool_2x2
+  x = jax.random.normal(jax.random.key(shape[1]), shape)  # continuous: no ties
+  np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+  g = jax.grad(lambda a: jnp.sum(max_pool_2x2(a) * 3.0))(x)
+  g_ref = jax.grad(lambda a: jnp.sum(nn.max_pool(a, (2, 2), strides=(2, 2)) * 3.0))(x)
+  np.testing.assert_array_equal(g, g_ref)
+  assert float(jnp.sum(g)) == 3.0 * (shape[0] * (shape[1] // 2) * (shape[2] // 2) * shape[3])

@@ -12,6 +12,8 @@ from typing import Optional
 import flax.linen as nn
 import jax
 
+from fedbif_jax.models.layers import max_pool_2x2
+
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
@@ -23,7 +25,7 @@ class SmallCNN(nn.Module):
     del train, mask  # no BatchNorm or dropout
     for features in (32, 64):
       x = nn.Conv(features, (3, 3), padding="SAME", kernel_init=he_normal)(x)
-      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+      x = max_pool_2x2(nn.relu(x))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(128, kernel_init=he_normal)(x))
     return nn.Dense(self.num_classes, kernel_init=he_normal)(x)

@@ -65,3 +65,17 @@ def batch_norm(x: jax.Array, train: bool, mask: Optional[jax.Array],
     where = (jnp.asarray(mask) > 0).reshape((-1,) + (1,) * (x.ndim - 1))
     return bn(x, mask=where)
   return bn(x)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max-pool with stride 2 on NHWC (VALID: an odd last row/column is dropped).
+
+  The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``, computed as a max over a
+  reshape. Its gradient is elementwise (JAX's reduce-max rule: an exact tie shares the gradient
+  equally) where reduce_window's select-and-scatter gradient runs about 1.5x slower than the
+  whole rest of the small CNN's training step on XLA's CPU backend (benchmarks/throughput.py).
+  """
+  n, h, w, c = x.shape
+  x = x[:, : h - h % 2, : w - w % 2, :]
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 
 from fedbif_jax.errors import check
-from fedbif_jax.models.layers import batch_norm, conv3x3, he_normal
+from fedbif_jax.models.layers import batch_norm, conv3x3, he_normal, max_pool_2x2
 
 VGG11_LITE_WIDTHS = (56, 112, 224, 224, 448, 448, 448, 448)
 # Indices of the convs that a 2x2 max-pool follows (VGG11: after convs 1, 2, 4, 6 and 8).
@@ -55,6 +55,6 @@ class VGG(nn.Module):
       x = conv3x3(features, name=f"conv{i}")(x)
       x = nn.relu(batch_norm(x, train, mask, name=f"bn{i}"))
       if i in self.pool_after:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     return nn.Dense(self.num_classes, kernel_init=he_normal, name="head")(x)
