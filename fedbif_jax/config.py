@@ -91,6 +91,18 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def set_fields(config: ml_collections.ConfigDict, overrides: dict, sep: str = ".") -> None:
+  """Sets nested fields in place: ``{"fedbif.bits": 8}`` sets ``config.fedbif.bits`` (``sep``
+  splits the path; keyword-argument callers use ``"__"``). A misspelt field of a locked config
+  raises, as on the command line."""
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split(sep)
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+
+
 def paper_config(arg, *, config_file: str, model: str, dataset: str, lr: float, rounds: int,
                  augment: str) -> ml_collections.ConfigDict:
   """The paper's setup (Sec. 4.1) for one data set, locked; ``arg == "smoke"`` shrinks it.

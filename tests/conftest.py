@@ -15,7 +15,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from fedbif_jax.config import base_config  # noqa: E402
+from fedbif_jax.config import base_config, set_fields  # noqa: E402
 
 
 def small_config(**overrides):
@@ -27,12 +27,7 @@ def small_config(**overrides):
   c.batch_size = 64
   c.lr = 0.05
   c.checkpoint_every = 0
-  for dotted, value in overrides.items():
-    node = c
-    *parents, leaf = dotted.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  set_fields(c, overrides, sep="__")
   c.lock()
   return c
 
