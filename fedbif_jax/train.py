@@ -313,9 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ConfigError: bad configuration (message names the field).
     TrainingDiverged: a NaN/inf loss; the last good checkpoint is kept.
   """
-  validate_config(config)
+  job = build_job(config)  # validates the config first
   os.makedirs(workdir, exist_ok=True)
-  job = build_job(config)
   algorithm, dataset = job.algorithm, job.dataset
   # Multi-process jobs (jax.distributed): every process runs this loop on the same inputs; only
   # process 0 writes files (orbax coordinates the checkpoint writes itself).

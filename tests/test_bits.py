@@ -473,8 +473,8 @@ def test_fedbif_active_only_training_matches_weights_from_bits(bits_m, active_bi
     local = algo.client_start(down, state, jax.random.fold_in(k, 30 + rnd))
     full = local.frozen
     idx = active_indices(down["active"], active_bits)
-    assert jax.tree.leaves(jax.tree.map(lambda f, a: bool(jnp.all(f[idx] == a)), full,
-                                        local.trainable["active_bits"]))
+    assert all(jax.tree.leaves(jax.tree.map(lambda f, a: bool(jnp.all(f[idx] == a)), full,
+                                            local.trainable["active_bits"])))
 
     def reference(active):
       vb = jax.tree.map(lambda f, a: f.at[idx].set(a), full, active)

@@ -199,19 +199,15 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     idx = selectors.active_indices(downlink["active"], s)
 
     def leaf(v_active, alpha, q):
-      h = bits_lib.ste_step(v_active)                                   # [s, ...]
-      if encoding == "offset":
-        u = q.values.astype(jnp.int32) + 2 ** (m - 1)
-        shifts = idx.astype(jnp.int32).reshape((s,) + (1,) * u.ndim)
-        received_active = (u[None] >> shifts) & 1                       # [s, ...]
-        pow2 = (2 ** shifts).astype(jnp.float32)
-        frozen_part = (u - jnp.sum((2 ** shifts) * received_active, axis=0)).astype(jnp.float32)
-        integer = frozen_part + jnp.sum(pow2 * h, axis=0) - 2.0 ** (m - 1)
-      else:  # sign-magnitude: not linear in the bits; rebuild all m of them
-        full = quant.to_bits(q.values, m, encoding).astype(jnp.float32).at[idx].set(h)
-        pow2 = (2.0 ** jnp.arange(m - 1, dtype=jnp.float32)).reshape((m - 1,) + (1,) * (full.ndim - 1))
-        integer = (1.0 - 2.0 * full[-1]) * jnp.sum(pow2 * full[:-1], axis=0)
-      return alpha * integer
+      if encoding != "offset":  # sign-magnitude is not linear in the bits: rebuild all m
+        full = quant.to_bits(q.values, m, encoding).astype(jnp.float32)
+        return bits_lib.leaf_from_bits(full.at[idx].set(v_active), alpha, downlink["active"], m,
+                                       encoding)
+      u = q.values.astype(jnp.int32) + 2 ** (m - 1)                     # sum_j 2^j b_j
+      pow2 = (2 ** idx.astype(jnp.int32)).reshape((s,) + (1,) * u.ndim)  # 2^i, i in S
+      frozen_part = u - jnp.sum(pow2 * ((u[None] // pow2) & 1), axis=0)  # exact integer
+      active_part = jnp.sum(pow2.astype(jnp.float32) * bits_lib.ste_step(v_active), axis=0)
+      return alpha * (frozen_part.astype(jnp.float32) + active_part - 2.0 ** (m - 1))
 
     weights = jax.tree.map(leaf, trainable["active_bits"], downlink["alpha"], downlink["weights"],
                            is_leaf=lambda x: isinstance(x, Bits))
@@ -221,8 +217,8 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     del client_state, key, stats
     idx = selectors.active_indices(downlink["active"], s)
     trained = local.trainable["active_bits"]
-    uplink_bits = jax.tree.map(lambda v: Bits((v > 0).astype(jnp.uint8), jnp.asarray(1, jnp.int32)),
-                               trained)
+    uplink_bits = jax.tree.map(lambda b: Bits(b, jnp.asarray(1, jnp.int32)),
+                               bits_lib.hard_bits(trained))
     uplink = {"weights": uplink_bits, "other": local.trainable["other"],
               "model_state": local.model_state}
     virtual = jax.tree.map(lambda full, v: full.at[idx].set(v), local.frozen, trained)
