@@ -12,6 +12,11 @@ Measures, in one process (so that ratios compare like with like on a shared mach
 FLOPs per local step come from XLA's compiled cost analysis of one jitted step (forward,
 backward, update), the same count used for PyTorch (identical model and batch).
 
+The CPU is split into one host device per core first (``--cpu_devices``, as launch.py does), and
+the sequential backend is timed on one device and on all of them. Also measured: the weight
+gradient of the models' 3x3 convolutions, XLA's against `fedbif_jax/models/conv.py`
+(benchmarks/conv_grad.py), and device memory with 20 vs 1,000 clients.
+
 Usage:
   python benchmarks/throughput.py --quick      # a few minutes on 2 CPU cores
   python benchmarks/throughput.py              # more clients, steps and repeats
@@ -37,6 +42,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import conv_grad  # noqa: E402  (benchmarks/, this script's directory)
 from fedbif_jax import parallel  # noqa: E402
 from fedbif_jax.algorithms import get_algorithm  # noqa: E402
 from fedbif_jax.algorithms.base import RoundInfo  # noqa: E402
@@ -79,9 +85,10 @@ def peak_rss_mb() -> float:
 
 def bench_ours(model_name: str, algorithm: str, backend: str, clients: int, per_client: int,
                batch: int, epochs: int, rounds: int, x: np.ndarray, y: np.ndarray,
-               unroll: int = 1) -> dict:
+               unroll: int = 1, client_devices: int = 0) -> dict:
   """Times `rounds` rounds after one warm-up round (whose extra time is the compile time);
-  a backend whose warm-up round takes over 20 s gets one timed round."""
+  a backend whose warm-up round takes over 20 s gets one timed round. `unroll` and
+  `client_devices` are the sequential backend's (0: all local devices)."""
   config = base_config()
   config.algorithm = algorithm
   config.lr = 0.05
@@ -90,13 +97,14 @@ def bench_ours(model_name: str, algorithm: str, backend: str, clients: int, per_
       jax.random.key(0))
   algo = get_algorithm(config)
   local = make_local_training(algo, model, optax.sgd(config.lr), MEAN, STD)
-  runner = parallel.make_runner(backend, local, unroll)
+  runner = parallel.make_runner(backend, local, unroll, client_devices)
   broadcast, aggregate = jax.jit(algo.broadcast), jax.jit(algo.aggregate)
   data = runner.place(TrainData(x, y))
   parts = [np.arange(c * per_client, (c + 1) * per_client) for c in range(clients)]
   states = jax.tree.map(lambda *s: np.stack(s), *[
       jax.device_get(algo.init_client(jax.random.key(c), variables)) for c in range(clients)])
-  server = algo.init(jax.random.key(1), variables)
+  # Committed to the first device, as train.py keeps it: the same placement every round.
+  server = jax.device_put(algo.init(jax.random.key(1), variables), jax.local_devices()[0])
   info = RoundInfo(jnp.full((clients,), 1.0 / clients), jnp.full((clients,), float(per_client)))
   keys = jax.random.split(jax.random.key(2), clients)
   rng = np.random.default_rng(0)
@@ -123,15 +131,18 @@ def bench_ours(model_name: str, algorithm: str, backend: str, clients: int, per_
                       jax.tree.map(lambda s: s[0], states), keys[0])
   idx, mask = round_batches(parts[:1], batch, 1, rng)
   step = jax.jit(local.steps, static_argnames="num_steps").lower(
-      algo.broadcast(server, jax.random.key(3), info), carry, data,
+      algo.broadcast(server, jax.random.key(3), info), carry, TrainData(x, y),
       Batches(jnp.asarray(idx[0]), jnp.asarray(mask[0])), keys[0], num_steps=1).compile()
   cost = step.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops_per_step = float(cost.get("flops", 0.0)) if cost else 0.0
   client_steps = clients * steps
+  label = backend
+  if backend == "sequential":
+    used = min(len(parallel.sequential_devices(client_devices)), clients)
+    label += f", {used} device{'s' if used > 1 else ''}" + (f", unroll {unroll}" if unroll > 1 else "")
   return {
-      "model": model_name, "algorithm": algorithm,
-      "backend": backend + (f" (unroll {unroll})" if unroll > 1 else ""),
+      "model": model_name, "algorithm": algorithm, "backend": label,
       "round_s": round_s, "compile_s": max(first - round_s, 0.0),
       "client_steps_per_s": client_steps / round_s,
       "images_per_s": client_steps * batch / round_s,
@@ -271,7 +282,7 @@ def bench_torch_resnet18_step(batch: int, repeats: int = 3) -> dict | None:
 
 
 def write_report(path: str, args, peak: float, rows: list[dict], torch_row, headline: dict,
-                 memory: list[dict], torch_r18: dict | None) -> None:
+                 memory: list[dict], torch_r18: dict | None, conv_rows: list[dict]) -> None:
   lines = [
       "# Performance",
       "",
@@ -305,6 +316,20 @@ def write_report(path: str, args, peak: float, rows: list[dict], torch_row, head
               f"the vmap round takes {ratio:.1f}x the sequential one (small CNN), so `auto` "
               "resolves to `sequential` on CPU and to `vmap` on GPU/TPU (where one program for all "
               "clients fills the accelerator)."]
+  devices = len(parallel.sequential_devices())
+  split = {label: [r for r in rows if r["algorithm"] == "fedavg" and r["backend"] == label]
+           for label in ("sequential, 1 device", f"sequential, {devices} devices")}
+  if devices > 1 and all(split.values()):
+    ratios = ", ".join(
+        f"{one['model']} {many['round_s'] / one['round_s']:.2f}x"
+        for one in split["sequential, 1 device"] for many in split[f"sequential, {devices} devices"]
+        if one["model"] == many["model"])
+    lines += ["", f"CPU split into {devices} host devices (`cpu_devices`; launch.py's default is one "
+              "per core): the sequential backend runs one client per device at once, so a FedAvg "
+              f"round takes {ratios} the one-device round. The PyTorch peer runs its clients one "
+              f"after another on the same {os.cpu_count()} cores ({'' if not torch_row else torch_row['threads']} "
+              "intra-op threads); `fedbif_one_device_vs_torch_fedavg` in the headline is the "
+              "comparison without the split."]
   r18 = [r for r in rows if r["model"] == "resnet18" and r["algorithm"] == "fedavg"]
   if torch_r18 and r18:
     flops = r18[0]["flops_per_step"]
@@ -315,6 +340,10 @@ def write_report(path: str, args, peak: float, rows: list[dict], torch_row, head
               f"({100 * flops / torch_r18['step_s'] / 1e9 / peak:.0f}% of the matmul peak, counting "
               f"XLA's FLOPs of the same step); ours: {ours_step:.2f} s per client step in a "
               "FedAvg round."]
+  if conv_rows:
+    lines += ["", "Weight gradients of 3x3 stride-1 convolutions (batch 64; `benchmarks/conv_grad.py`): "
+              "XLA's own against the nine offset products of `fedbif_jax/models/conv.py`, which the "
+              "models use on CPU from 16x16 images up:", ""] + conv_grad.table(conv_rows)
   if memory:
     lines += ["", "Memory with many clients (FedBiF, built-in digits, `train_and_evaluate`; client "
               "states on the host, the device holds one round's clients):", "",
@@ -331,12 +360,35 @@ def write_report(path: str, args, peak: float, rows: list[dict], torch_row, head
     f.write("\n".join(lines))
 
 
+def variants(model_name: str, algorithm: str, backends: list[str], quick: bool) -> list[tuple]:
+  """(backend, unroll, client_devices) rows to time: the sequential backend on one device and on
+  all of them (with unroll 1 and 4 for the small CNN), and the one-program backends."""
+  devices = len(parallel.sequential_devices())
+  rows = []
+  if "sequential" in backends:
+    if model_name == "cnn":
+      rows += [("sequential", 1, 1)] + ([("sequential", 1, 0)] if devices > 1 else [])
+      rows += [("sequential", 4, 0)]
+    elif algorithm == "fedavg":  # ResNet-18: one step is 2 s; the device split once, for FedAvg
+      rows += [("sequential", 1, 1)] + ([("sequential", 1, 0)] if devices > 1 else [])
+    else:
+      rows += [("sequential", 1, 0)]
+  for backend in ("vmap", "sharded"):
+    if backend in backends and not (model_name != "cnn" and quick):
+      rows.append((backend, 1, 0))  # vmap of ResNet-18 over clients is a GPU/TPU configuration
+  return rows
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="a run of a few minutes")
   parser.add_argument("--backends", default="", help="comma list (default: all that apply)")
+  parser.add_argument("--cpu_devices", type=int, default=0,
+                      help="host devices the CPU is split into, as launch.py's config.cpu_devices "
+                           "(0: one per core, at most 4)")
   parser.add_argument("--out", default="docs/PERFORMANCE.md")
   args = parser.parse_args()
+  parallel.split_cpu(args.cpu_devices)  # before JAX starts
   args.clients = 4 if args.quick else 10
   args.per_client = 256 if args.quick else 500
   args.batch, args.epochs = 64, 1
@@ -355,16 +407,9 @@ def main() -> None:
   models = ["cnn"] + (["resnet18"] if "resnet18" in MODELS else [])
   for model_name in models:
     for algorithm in ("fedavg", "fedbif"):
-      for backend in backends:
-        if model_name != "cnn" and backend == "vmap" and args.quick:
-          continue  # vmap of ResNet-18 over clients is a GPU/TPU configuration
+      for backend, unroll, client_devices in variants(model_name, algorithm, backends, args.quick):
         r = bench_ours(model_name, algorithm, backend, args.clients, args.per_client, args.batch,
-                       args.epochs, args.rounds, x, y)
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-      if model_name == "cnn" and "sequential" in backends:  # the `unroll` choice
-        r = bench_ours(model_name, algorithm, "sequential", args.clients, args.per_client,
-                       args.batch, args.epochs, args.rounds, x, y, unroll=4)
+                       args.epochs, args.rounds, x, y, unroll=unroll, client_devices=client_devices)
         rows.append(r)
         print(json.dumps(r), flush=True)
   torch_row = bench_torch(args.clients, args.per_client, args.batch, args.epochs, args.rounds, x, y)
@@ -381,6 +426,10 @@ def main() -> None:
   if torch_row:
     headline["fedbif_vs_torch_fedavg"] = fedbif_cnn["round_s"] / torch_row["round_s"]
     headline["fedavg_vs_torch_fedavg"] = fedavg_cnn["round_s"] / torch_row["round_s"]
+  one_device = [r for r in rows if r["model"] == "cnn" and r["algorithm"] == "fedbif"
+                and r["backend"] == "sequential, 1 device"]
+  if torch_row and one_device:
+    headline["fedbif_one_device_vs_torch_fedavg"] = one_device[0]["round_s"] / torch_row["round_s"]
   r18 = best("resnet18", "fedbif")
   if r18:
     headline["resnet18_gflops_fraction_of_peak"] = r18["gflops_per_s"] / peak
@@ -391,12 +440,14 @@ def main() -> None:
     r18_fedavg = best("resnet18", "fedavg")
     headline["torch_resnet18_gflops_fraction_of_peak"] = (
         r18_fedavg["flops_per_step"] / torch_r18["step_s"] / 1e9 / peak)
+  conv_rows = conv_grad.measure(conv_grad.SHAPES[1:6] if args.quick else conv_grad.SHAPES)
+  print(json.dumps(conv_rows), flush=True)
   memory = [bench_many_clients(n, 10, 3) for n in (20, 1000)]
   for m in memory:
     print(json.dumps(m), flush=True)
   headline["device_live_mb_20_vs_1000_clients"] = [m["device_live_mb_max"] for m in memory]
   headline["peak_rss_mb"] = peak_rss_mb()
-  write_report(args.out, args, peak, rows, torch_row, headline, memory, torch_r18)
+  write_report(args.out, args, peak, rows, torch_row, headline, memory, torch_r18, conv_rows)
   print(json.dumps(headline))
 
 

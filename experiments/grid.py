@@ -98,6 +98,7 @@ def study_config(data_path: str, smoke: bool = False) -> ml_collections.ConfigDi
     c.num_clients = 4
     c.rounds = 2
     c.checkpoint_every = 1
+    c.client_devices = 1  # mostly compilation, which each device does anew
     c.lipschitz_every = 1
     c.lipschitz_iterations = 5
     c.wire_check_every = 1

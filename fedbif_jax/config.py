@@ -28,6 +28,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.lipschitz_iterations = 50      # power-iteration steps per layer
   c.parallel = "auto"              # auto | sequential | vmap (see fedbif_jax/parallel.py)
   c.unroll = 1                     # local steps per jitted call (sequential backend)
+  c.client_devices = 0             # sequential backend: this process's devices a round's clients
+                                   # are spread over, client c on device c % D (0: all of them,
+                                   # on CPU at most one per core)
+  c.cpu_devices = 0                # launch.py, before JAX starts: host devices the CPU is split
+                                   # into (0: one per core, at most 4); ignored when XLA_FLAGS
+                                   # already sets --xla_force_host_platform_device_count
   c.wire_check_every = 10          # rounds; every k-th round (t % k == 0) encode + decode the
                                    # payloads and fail unless bytes and values match (0: never)
 
@@ -109,7 +115,7 @@ def paper_config(arg, *, config_file: str, model: str, dataset: str, lr: float, 
 
   10 clients, all of them every round, batch 64, 5 local epochs, plain SGD, FedBiF with m=4, s=1,
   tfds data with the published normalisation. The smoke variant: 2 clients x 16 images, 1 round
-  of 2 steps of 8, 32 test images, no checkpoints.
+  of 2 steps of 8, 32 test images, no checkpoints, one device.
   """
   check(arg in (None, "", "smoke"), "config",
         f"'' or 'smoke' (--config=configs/{config_file}:smoke)", arg)
@@ -138,5 +144,6 @@ def paper_config(arg, *, config_file: str, model: str, dataset: str, lr: float, 
     c.data.min_size = 1
     c.eval_batch_size = 32
     c.checkpoint_every = 0
+    c.client_devices = 1  # a smoke run is mostly compilation, which each device does anew
   c.lock()
   return c

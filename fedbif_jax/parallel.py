@@ -2,11 +2,16 @@
 
 Backends (``config.parallel``):
 
-* ``sequential`` - clients one after another; each client's local steps are driven from Python
-  as jitted chunks of ``config.unroll`` unrolled steps. No `lax.scan`/while loop: on XLA's CPU
-  backend a while loop over convolution training steps runs 10-20x slower than the same steps
-  unrolled or dispatched from Python (docs/ARCHITECTURE facts), and `vmap` over clients about 3x
-  slower than running them in turn. Fully padded steps are skipped on the host (they are no-ops).
+* ``sequential`` - clients one after another on each local device (client c on device c % D,
+  ``config.client_devices``; all devices dispatched asynchronously, so they work at once); each
+  client's local steps are driven from Python as jitted chunks of ``config.unroll`` unrolled
+  steps, then single steps for the remainder (`chunk_plan`). No `lax.scan`/while loop: on XLA's
+  CPU backend a while loop over convolution training steps runs 10-20x slower than the same
+  steps unrolled or dispatched from Python (docs/ARCHITECTURE facts), and `vmap` over clients
+  tens of times slower than running them in turn (docs/PERFORMANCE.md). Fully padded steps are
+  skipped on the host (they are no-ops). On CPU, launch.py splits the machine into one host
+  device per core (`split_cpu`), so that two small clients' programs keep 2 cores busier than
+  one does.
 * ``vmap`` - one program for all clients of the round: `jax.vmap` over clients of a `lax.scan`
   over steps. Meant for GPU/TPU.
 * ``sharded`` - the vmap program split over a 1-D device mesh (axis ``"clients"``) with
@@ -60,6 +65,26 @@ def resolve_backend(name: str, platform: str | None = None) -> str:
     return name
   platform = platform or jax.default_backend()
   return "sequential" if platform == "cpu" else "vmap"
+
+
+MAX_AUTO_CPU_DEVICES = 4
+
+
+def split_cpu(cpu_devices: int, environ=None) -> int | None:
+  """Asks JAX for `cpu_devices` host devices (0: one per core, at most MAX_AUTO_CPU_DEVICES), so
+  that the sequential backend can run that many clients at once. Must run before JAX starts its
+  CPU backend. Leaves JAX alone (returns None) when XLA_FLAGS already forces a device count.
+  Returns the count asked for. The cap of the automatic choice is a guess beyond the 2 cores we
+  measured on (docs/PERFORMANCE.md): each device holds its own copy of the training set."""
+  import os
+  environ = os.environ if environ is None else environ
+  check(isinstance(cpu_devices, int) and not isinstance(cpu_devices, bool) and cpu_devices >= 0,
+        "cpu_devices", "0 (one per core) or an integer >= 1", cpu_devices)
+  if "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", ""):
+    return None
+  count = cpu_devices or max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_CPU_DEVICES))
+  jax.config.update("jax_num_cpu_devices", count)
+  return count
 
 
 def compact_schedule(idx: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,54 +191,124 @@ def _make_sharded(local: LocalTraining) -> Runner:
   return Runner(run, place)
 
 
-def make_runner(backend: str, local: LocalTraining, unroll: int = 1) -> Runner:
+def make_runner(backend: str, local: LocalTraining, unroll: int = 1,
+                client_devices: int = 0) -> Runner:
   """The `Runner` of a backend.
+
+  Args:
+    backend: one of BACKENDS.
+    local: the jitted-to-be local-training functions (`client.make_local_training`).
+    unroll: steps per jitted call of the sequential backend (see `_make_sequential`).
+    client_devices: how many of this process's devices the sequential backend spreads a round's
+      clients over; 0: all of them, at most one per core on CPU (`sequential_devices`).
 
   Args of its ``run``:
     downlink: the round's downlink pytree (on the device).
     client_states: host pytree, leaves [C, ...] (the selected clients' states, stacked).
     idx, mask: numpy int32 / float32 [C, S, B], the padded schedule.
     keys: PRNG keys [C], one per client.
-    data: TrainData on the device.
+    data: what ``place`` returned for the training set.
   """
   backend = resolve_backend(backend)
-  check(isinstance(unroll, int) and unroll >= 1, "unroll", "an integer >= 1", unroll)
-  place = lambda data: jax.tree.map(jnp.asarray, data)
+  check(isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1, "unroll",
+        "an integer >= 1", unroll)
+  check(isinstance(client_devices, int) and not isinstance(client_devices, bool)
+        and client_devices >= 0, "client_devices",
+        f"0 (all) or an integer >= 1 (this process has {jax.local_device_count()} devices)",
+        client_devices)
   if backend == "sharded":
     return _make_sharded(local)
-
   if backend == "vmap":
-    update = jax.jit(_batched(local))
+    return _make_vmap(local)
+  return _make_sequential(local, unroll, sequential_devices(client_devices))
 
-    def run_vmap(downlink, client_states, idx, mask, keys, data: TrainData):
-      batches = Batches(jnp.asarray(idx), jnp.asarray(mask))
-      uplinks, states, metrics = update(downlink, jax.tree.map(jnp.asarray, client_states),
-                                        batches, keys, data)
-      return uplinks, _to_host(states), metrics
 
-    return Runner(run_vmap, place)
+def sequential_devices(client_devices: int = 0) -> list:
+  """The devices the sequential backend spreads clients over: the first `client_devices` local
+  devices; 0: all of them, but on CPU at most one per core (more concurrent clients than cores
+  only adds compilations: each device compiles its own copy of the step programs)."""
+  import os
+  devices = jax.local_devices()
+  if client_devices:
+    return devices[:client_devices]
+  if devices[0].platform == "cpu":
+    return devices[:max(1, len(os.sched_getaffinity(0)))]
+  return devices
 
+
+def _make_vmap(local: LocalTraining) -> Runner:
+  update = jax.jit(_batched(local))
+
+  def run(downlink, client_states, idx, mask, keys, data: TrainData):
+    batches = Batches(jnp.asarray(idx), jnp.asarray(mask))
+    uplinks, states, metrics = update(downlink, jax.tree.map(jnp.asarray, client_states),
+                                      batches, keys, data)
+    return uplinks, _to_host(states), metrics
+
+  return Runner(run, lambda data: jax.tree.map(jnp.asarray, data))
+
+
+def chunk_plan(real_steps: int, unroll: int) -> list[int]:
+  """The jitted calls that run `real_steps` local steps: whole chunks of `unroll` steps, then
+  single steps for the remainder (no padded step is ever computed), e.g. (10, 4) -> [4, 4, 1, 1].
+  So a job compiles at most two step programs: `unroll` steps and 1 step."""
+  whole, rest = divmod(int(real_steps), unroll)
+  return [unroll] * whole + [1] * rest
+
+
+def _make_sequential(local: LocalTraining, unroll: int, devices: list) -> Runner:
+  """Clients one after another on each of `devices`, client c on ``devices[c % D]``.
+
+  Every call is dispatched asynchronously, so the D devices' chains of clients run at the same
+  time; with one device this is the plain sequential loop. On a CPU split into several host
+  devices (launch.py's ``cpu_devices``), two concurrent single-client programs keep the cores
+  busier than one client's small convolutions do (benchmarks/throughput.py). Each device runs the
+  same compiled program on the same inputs, so results do not depend on D. The training set is
+  copied to every device once (`place`); uplinks and metrics are gathered on ``devices[0]`` (the
+  server's device) and client states on the host.
+  """
   start = jax.jit(local.start)
   steps = jax.jit(local.steps, static_argnames="num_steps")
   finish = jax.jit(local.finish)
+  server = devices[0]
 
-  def run_sequential(downlink, client_states, idx, mask, keys, data: TrainData):
+  compiled_on = set()  # devices whose two step programs exist
+
+  def place(data: TrainData) -> tuple:
+    return tuple(jax.device_put(data, d) for d in devices)
+
+  def compile_both(d, plan, downlink_d, carry, data_d, client_batches, key):
+    """A device's first client also runs (and discards) whichever of the two step programs its
+    own plan lacks, so that both are compiled in the first round: a client whose step count
+    needs the other program may first appear on this device in a later round, which must not
+    compile anything (tests/test_engine.py counts compilations)."""
+    if d not in compiled_on:
+      compiled_on.add(d)
+      for num_steps in sorted({unroll, 1} - set(plan)):
+        steps(downlink_d, carry, data_d, client_batches, key, num_steps=num_steps)
+
+  def run(downlink, client_states, idx, mask, keys, data: tuple):
     idx, mask, real_steps = compact_schedule(idx, mask)
-    # Whole chunks of `unroll` steps only: the trailing all-masked steps are no-ops.
-    idx, mask = pad_steps(idx, mask, -(-idx.shape[1] // unroll) * unroll)
-    idx_dev, mask_dev = jnp.asarray(idx), jnp.asarray(mask)  # the round's schedule, sent once
+    # The round's schedule and downlink reach each device once.
+    on = [jax.device_put((downlink, Batches(idx, mask), keys), d) for d in devices]
     uplinks, states, metrics = [], [], []
     for c in range(idx.shape[0]):
-      state = jax.tree.map(lambda x: jnp.asarray(x[c]), client_states)
-      batches = Batches(idx_dev[c], mask_dev[c])
-      carry = start(downlink, state, keys[c])
-      for _ in range(-(-int(real_steps[c]) // unroll)):
-        carry = steps(downlink, carry, data, batches, keys[c], num_steps=unroll)
-      uplink, new_state, metric = finish(downlink, state, carry, keys[c])
-      uplinks.append(uplink)
+      d = c % len(devices)
+      downlink_d, batches, keys_d = on[d]
+      client_batches = Batches(batches.idx[c], batches.mask[c])
+      state = jax.device_put(jax.tree.map(lambda x: x[c], client_states), devices[d])
+      carry = start(downlink_d, state, keys_d[c])
+      plan = chunk_plan(real_steps[c], unroll)
+      compile_both(d, plan, downlink_d, carry, data[d], client_batches, keys_d[c])
+      for num_steps in plan:
+        carry = steps(downlink_d, carry, data[d], client_batches, keys_d[c], num_steps=num_steps)
+      uplink, new_state, metric = finish(downlink_d, state, carry, keys_d[c])
+      uplinks.append(jax.device_put(uplink, server))
+      metrics.append(jax.device_put(metric, server))
       states.append(new_state)
-      metrics.append(metric)
-    host_states = _to_host(_stack(states)) if states else client_states
+    if not states:
+      return _stack(uplinks), client_states, _stack(metrics)
+    host_states = jax.tree.map(lambda *xs: np.stack(xs), *_to_host(states))
     return _stack(uplinks), host_states, _stack(metrics)
 
-  return Runner(run_sequential, place)
+  return Runner(run, place)

@@ -77,6 +77,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   positive_int("lipschitz_every", config.lipschitz_every, lo=0)
   positive_int("lipschitz_iterations", config.lipschitz_iterations)
   positive_int("unroll", config.unroll)
+  positive_int("client_devices", config.client_devices, lo=0)
+  positive_int("cpu_devices", config.cpu_devices, lo=0)
   positive_int("wire_check_every", config.wire_check_every, lo=0)
   cpr = config.clients_per_round
   check(isinstance(cpr, int) and (cpr == 0 or 1 <= cpr <= config.num_clients), "clients_per_round",
@@ -331,7 +333,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   server_state = jax.device_put(algorithm.init(job.k_server, job.variables), server_device)
   store = _Store(algorithm.init_client, job.variables, job.k_clients)
 
-  runner = parallel.make_runner(config.parallel, job.local, config.unroll)
+  runner = parallel.make_runner(config.parallel, job.local, config.unroll,
+                                  config.client_devices)
   broadcast = jax.jit(algorithm.broadcast)
   aggregate = jax.jit(algorithm.aggregate)
   probe = (metrics_lib.make_lipschitz_probe(job.model, algorithm.eval_variables,

@@ -19,7 +19,8 @@ from fedbif_jax.config import base_config, set_fields  # noqa: E402
 
 
 def small_config(**overrides):
-  """FedBiF on digits with 4 clients and 2 short rounds; dotted keys override fields."""
+  """FedBiF on digits with 4 clients and 2 short rounds, on one device; dotted keys (``__``)
+  override fields."""
   c = base_config()
   c.rounds = 2
   c.num_clients = 4
@@ -27,6 +28,9 @@ def small_config(**overrides):
   c.batch_size = 64
   c.lr = 0.05
   c.checkpoint_every = 0
+  # One device: each device compiles its own copy of the step programs, which would dominate
+  # these seconds-long runs; the tests of the multi-device spread ask for it.
+  c.client_devices = 1
   set_fields(c, overrides, sep="__")
   c.lock()
   return c

@@ -28,6 +28,7 @@ def _launch(workdir, *overrides, wait=True):
     ("--config.algorithm=fedprox", "algorithm"),
     ("--config.data.mu=-1", "data.mu"),
     ("--config.fedbif.bitz=8", "bitz"),
+    ("--config.cpu_devices=-2", "cpu_devices"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, override, field):
   result = _launch(tmp_path / "run", override)

@@ -3,6 +3,7 @@
 Covers `fedbif_jax/client.py`, `parallel.py`, `algorithms/fedavg.py`, `algorithms/fedbif.py`
 (as algorithms) and `train.py` on the built-in digits.
 """
+import contextlib
 import json
 import os
 
@@ -14,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import small_config
+from conftest import REPO, small_config
 from fedbif_jax import data as data_lib
 from fedbif_jax import parallel
 from fedbif_jax.algorithms import get_algorithm
@@ -90,7 +91,9 @@ def test_padded_examples_do_not_count(digits):
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedbif"])
 def test_backends_agree(digits, algorithm):
-  """sequential (unroll 1 and 3), vmap and sharded give the same uplinks and states (1e-5).
+  """sequential (1 device; 4 devices; unroll 3 over 2 devices, which runs whole chunks and
+  single remainder steps), vmap and sharded give the same uplinks and states (1e-5); the same
+  sequential program on 1 or 4 devices gives identical bits.
 
   Two kinds of exact ties make backends legitimately pick different subgradients, after which
   trajectories drift apart: max-pool near-ties, and ReLU at exactly 0 where FedBiF's integer
@@ -109,10 +112,14 @@ def test_backends_agree(digits, algorithm):
   keys = jax.random.split(jax.random.key(3), 3)
   results = {}
   assert jax.device_count() == 4, "conftest forces 4 host devices; 3 clients pad to 4"
-  for name, unroll in [("sequential", 1), ("sequential", 3), ("vmap", 1), ("sharded", 1)]:
-    run = parallel.make_runner(name, local, unroll).run
-    results[(name, unroll)] = run(downlink, states, idx, mask, keys, data)
-  reference = results[("sequential", 1)]
+  assert {int(m.sum(axis=-1).astype(bool).sum()) % 3 for m in mask} != {0}, "a remainder step"
+  for name, unroll, devices in [("sequential", 1, 1), ("sequential", 1, 4), ("sequential", 3, 2),
+                                ("vmap", 1, 0), ("sharded", 1, 0)]:
+    runner = parallel.make_runner(name, local, unroll, devices)
+    results[(name, unroll, devices)] = runner.run(downlink, states, idx, mask, keys,
+                                                  runner.place(data))
+  reference = results[("sequential", 1, 1)]
+  chex.assert_trees_all_equal(results[("sequential", 1, 4)], reference)
   for other in results.values():
     chex.assert_trees_all_close(other[0], reference[0], atol=1e-5)
     chex.assert_trees_all_close(other[1], reference[1], atol=1e-5)
@@ -121,6 +128,37 @@ def test_backends_agree(digits, algorithm):
   new_server = jax.jit(algo.aggregate)(server, downlink, reference[0], weights, reference[2])
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_server["params"], server["params"])
   assert all(jax.tree.leaves(changed))
+
+
+@pytest.mark.parametrize("real_steps,unroll,calls", [
+    (10, 4, [4, 4, 1, 1]), (8, 4, [4, 4]), (3, 4, [1, 1, 1]), (0, 4, []), (5, 1, [1] * 5)])
+def test_chunk_plan_runs_whole_chunks_then_single_steps(real_steps, unroll, calls):
+  assert parallel.chunk_plan(real_steps, unroll) == calls
+
+
+def test_split_cpu_asks_jax_for_host_devices_unless_xla_flags_force_a_count():
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  code = ("from fedbif_jax import parallel; n = parallel.split_cpu({}); import jax; "
+          "print(n, jax.local_device_count(), len(parallel.sequential_devices()))")
+  run = lambda arg: subprocess.run([sys.executable, "-c", code.format(arg)], env=env, cwd=REPO,
+                                   capture_output=True, text=True, check=True).stdout.split()
+  cores = len(os.sched_getaffinity(0))
+  assert run(3) == ["3", "3", str(min(3, cores))]
+  auto = str(min(cores, parallel.MAX_AUTO_CPU_DEVICES))
+  assert run(0) == [auto, auto, auto]
+  assert parallel.split_cpu(2, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) is None
+  with pytest.raises(ConfigError, match="cpu_devices"):
+    parallel.split_cpu(-1)
+
+
+def test_sequential_spreads_clients_over_at_most_one_cpu_device_per_core():
+  cores = len(os.sched_getaffinity(0))
+  assert len(parallel.sequential_devices()) == min(jax.local_device_count(), cores)
+  assert parallel.sequential_devices(3) == jax.local_devices()[:3]
+  with pytest.raises(ConfigError, match="client_devices"):
+    parallel.make_runner("sequential", None, 1, client_devices=-1)
 
 
 def test_fedavg_aggregates_weighted_mean(digits):
@@ -228,10 +266,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
   assert summary["rounds"] == 4
 
 
-@pytest.mark.parametrize("backend", ["sequential", "vmap", "sharded"])
-def test_no_retracing_after_the_first_round(tmp_path, monkeypatch, backend):
+@pytest.mark.parametrize("backend,unroll", [("sequential", 3), ("vmap", 1), ("sharded", 1)])
+def test_no_retracing_after_the_first_round(tmp_path, monkeypatch, backend, unroll):
   """Tracing runs the algorithm's Python functions; later rounds must reuse the compiled code,
-  even with partial participation over clients of unequal size."""
+  even with partial participation over clients of unequal size (with unroll 3, step counts
+  with and without a remainder: the sequential backend's two step programs, on every device)."""
   from fedbif_jax import train as train_lib
   calls = {"traces": 0}
 
@@ -249,12 +288,45 @@ def test_no_retracing_after_the_first_round(tmp_path, monkeypatch, backend):
 
   monkeypatch.setattr(train_lib, "get_algorithm", counting)
   overrides = dict(num_clients=6, clients_per_round=3, data__partition="dirichlet",
-                   parallel=backend)
+                   parallel=backend, unroll=unroll, client_devices=3)
   train_and_evaluate(small_config(rounds=1, **overrides), str(tmp_path / "one"))
   after_one_round = calls["traces"]
   calls["traces"] = 0
-  train_and_evaluate(small_config(rounds=4, **overrides), str(tmp_path / "four"))
+  # Traces are shared by devices, compiled programs are not: also count XLA compilations from
+  # the start of the second round on.
+  compiles_at_round_start = []
+  original_plan_round = train_lib.plan_round
+
+  def spying_plan_round(*args):
+    compiles_at_round_start.append(_COMPILES["n"])
+    return original_plan_round(*args)
+
+  monkeypatch.setattr(train_lib, "plan_round", spying_plan_round)
+  with _counting_compiles() as compiles:
+    train_and_evaluate(small_config(rounds=4, **overrides), str(tmp_path / "four"))
   assert after_one_round > 0 and calls["traces"] == after_one_round
+  assert len(compiles_at_round_start) == 4 and compiles["n"] == compiles_at_round_start[1], (
+      f"compilations at the start of rounds 0-3 and at the end: {compiles_at_round_start}, "
+      f"{compiles['n']}")
+
+
+_COMPILES = {"on": False, "n": 0}
+
+
+@contextlib.contextmanager
+def _counting_compiles():
+  """Counts XLA backend compilations (jax.monitoring) inside the block."""
+  if "listener" not in _COMPILES:
+    def listener(event, duration, **kwargs):
+      if _COMPILES["on"] and event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES["n"] += 1
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    _COMPILES["listener"] = listener
+  _COMPILES.update(on=True, n=0)
+  try:
+    yield _COMPILES
+  finally:
+    _COMPILES["on"] = False
 
 
 def test_sharded_backend_runs_the_engine(tmp_path):

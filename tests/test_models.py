@@ -377,8 +377,8 @@ def test_backends_agree_with_augmentation_and_batchnorm():
       jax.device_get(algo.init_client(_key(10 + c), variables)) for c in range(3)])
   keys = jax.random.split(jax.random.key(3), 3)
   data = TrainData(jnp.asarray(x), jnp.asarray(digits.y_train))
-  results = [parallel.make_runner(name, local, 1).run(downlink, states, idx, mask, keys, data)
-             for name in ("sequential", "vmap")]
+  runners = [parallel.make_runner(name, local, 1) for name in ("sequential", "vmap")]
+  results = [r.run(downlink, states, idx, mask, keys, r.place(data)) for r in runners]
   for a, b in zip(*results):
     chex.assert_trees_all_close(a, b, atol=1e-5, rtol=1e-5)
   assert results[0][0]["model_state"]["batch_stats"]["bn"]["mean"].shape == (3, 8)

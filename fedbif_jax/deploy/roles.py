@@ -187,7 +187,8 @@ class Client:
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
     self.job = job = train_lib.build_job(config)
-    self._runner = parallel.make_runner(config.parallel, job.local, config.unroll)
+    # One client per message: its steps run on this process's first device only.
+    self._runner = parallel.make_runner(config.parallel, job.local, config.unroll, client_devices=1)
     self._data = self._runner.place(TrainData(job.dataset.x_train, job.dataset.y_train))
     self._init = jax.jit(job.algorithm.init_client)
     self.state_spec = payload_lib.spec_of(

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedbif_jax.models import conv
+
 he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 BN_MOMENTUM = 0.9
@@ -33,9 +35,11 @@ BN_EPSILON = 1e-5
 
 
 def conv3x3(features: int, strides: int = 1, name: Optional[str] = None) -> nn.Conv:
-  """A bias-free 3x3 convolution with one pixel of zero padding on every side (NHWC)."""
+  """A bias-free 3x3 convolution with one pixel of zero padding on every side (NHWC); at stride 1
+  its weight gradient takes the fast CPU path of `fedbif_jax.models.conv`."""
   return nn.Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
-                 use_bias=False, kernel_init=he_normal, name=name)
+                 use_bias=False, kernel_init=he_normal, name=name,
+                 conv_general_dilated=conv.conv_general_dilated)
 
 
 def conv1x1(features: int, strides: int = 1, name: Optional[str] = None) -> nn.Conv:
