@@ -8,7 +8,8 @@ Backends (``config.parallel``):
   steps, then single steps for the remainder (`chunk_plan`). No `lax.scan`/while loop: on XLA's
   CPU backend a while loop over convolution training steps runs 10-20x slower than the same
   steps unrolled or dispatched from Python (docs/ARCHITECTURE facts), and `vmap` over clients
-  tens of times slower than running them in turn (docs/PERFORMANCE.md). Fully padded steps are
+  about 2x slower than running them in turn (docs/PERFORMANCE.md; 43x before the models' conv
+  weight gradient moved to `models/conv.py`). Fully padded steps are
   skipped on the host (they are no-ops). On CPU, launch.py splits the machine into one host
   device per core (`split_cpu`), so that two small clients' programs keep 2 cores busier than
   one does.
