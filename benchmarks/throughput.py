@@ -317,16 +317,16 @@ def write_report(path: str, args, peak: float, rows: list[dict], torch_row, head
               "resolves to `sequential` on CPU and to `vmap` on GPU/TPU (where one program for all "
               "clients fills the accelerator)."]
   devices = len(parallel.sequential_devices())
-  split = {label: [r for r in rows if r["algorithm"] == "fedavg" and r["backend"] == label]
+  split = {label: [r for r in rows if r["backend"] == label]
            for label in ("sequential, 1 device", f"sequential, {devices} devices")}
   if devices > 1 and all(split.values()):
     ratios = ", ".join(
-        f"{one['model']} {many['round_s'] / one['round_s']:.2f}x"
+        f"{one['model']} {one['algorithm']} {many['round_s'] / one['round_s']:.2f}x"
         for one in split["sequential, 1 device"] for many in split[f"sequential, {devices} devices"]
-        if one["model"] == many["model"])
+        if (one["model"], one["algorithm"]) == (many["model"], many["algorithm"]))
     lines += ["", f"CPU split into {devices} host devices (`cpu_devices`; launch.py's default is one "
-              "per core): the sequential backend runs one client per device at once, so a FedAvg "
-              f"round takes {ratios} the one-device round. The PyTorch peer runs its clients one "
+              "per core): the sequential backend runs one client per device at once, so a round "
+              f"takes {ratios} the one-device round. The PyTorch peer runs its clients one "
               f"after another on the same {os.cpu_count()} cores ({'' if not torch_row else torch_row['threads']} "
               "intra-op threads); `fedbif_one_device_vs_torch_fedavg` in the headline is the "
               "comparison without the split."]
@@ -369,10 +369,8 @@ def variants(model_name: str, algorithm: str, backends: list[str], quick: bool) 
     if model_name == "cnn":
       rows += [("sequential", 1, 1)] + ([("sequential", 1, 0)] if devices > 1 else [])
       rows += [("sequential", 4, 0)]
-    elif algorithm == "fedavg":  # ResNet-18: one step is 2 s; the device split once, for FedAvg
+    else:  # ResNet-18 (a step takes seconds): unroll 1 only
       rows += [("sequential", 1, 1)] + ([("sequential", 1, 0)] if devices > 1 else [])
-    else:
-      rows += [("sequential", 1, 0)]
   for backend in ("vmap", "sharded"):
     if backend in backends and not (model_name != "cnn" and quick):
       rows.append((backend, 1, 0))  # vmap of ResNet-18 over clients is a GPU/TPU configuration
