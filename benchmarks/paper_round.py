@@ -8,7 +8,7 @@ cost analysis (as benchmarks/throughput.py does) and reports the achieved TFLOP/
 device's measured float32 matmul peak (JAX's default precision, so TF32 on tensor-core GPUs),
 and the time a 200-round run would take.
 
-Usage (one GPU; a run takes about 5-8 minutes, most of it compiling the vmap program):
+Usage (one GPU; not yet run on one, so its duration there is unknown: budget a 10-minute limit):
   python benchmarks/paper_round.py --out=$OUT/paper_round.json
   python benchmarks/paper_round.py --smoke      # seconds on a CPU: tiny sizes, the small CNN
 The last line printed is one JSON object; --out also writes it to a file. Paste the figures into

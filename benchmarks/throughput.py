@@ -366,14 +366,13 @@ def variants(model_name: str, algorithm: str, backends: list[str], quick: bool) 
   devices = len(parallel.sequential_devices())
   rows = []
   if "sequential" in backends:
-    if model_name == "cnn":
-      rows += [("sequential", 1, 1)] + ([("sequential", 1, 0)] if devices > 1 else [])
-      rows += [("sequential", 4, 0)]
-    else:  # ResNet-18 (a step takes seconds): unroll 1 only
-      rows += [("sequential", 1, 1)] + ([("sequential", 1, 0)] if devices > 1 else [])
+    rows += [("sequential", 1, 1)] + ([("sequential", 1, 0)] if devices > 1 else [])
+    if model_name == "cnn":  # a ResNet-18 step takes seconds: unroll 1 only
+      rows.append(("sequential", 4, 0))
   for backend in ("vmap", "sharded"):
+    # Skipped in --quick: vmap of ResNet-18 over clients is a GPU/TPU configuration.
     if backend in backends and not (model_name != "cnn" and quick):
-      rows.append((backend, 1, 0))  # vmap of ResNet-18 over clients is a GPU/TPU configuration
+      rows.append((backend, 1, 0))
   return rows
 
 

@@ -9,10 +9,9 @@ Backends (``config.parallel``):
   CPU backend a while loop over convolution training steps runs 10-20x slower than the same
   steps unrolled or dispatched from Python (docs/ARCHITECTURE facts), and `vmap` over clients
   about 2x slower than running them in turn (docs/PERFORMANCE.md; 43x before the models' conv
-  weight gradient moved to `models/conv.py`). Fully padded steps are
-  skipped on the host (they are no-ops). On CPU, launch.py splits the machine into one host
-  device per core (`split_cpu`), so that two small clients' programs keep 2 cores busier than
-  one does.
+  weight gradient moved to `models/conv.py`). Fully padded steps are skipped on the host (they
+  are no-ops). On CPU, launch.py splits the machine into one host device per core
+  (`split_cpu`), so that two small clients' programs keep 2 cores busier than one does.
 * ``vmap`` - one program for all clients of the round: `jax.vmap` over clients of a `lax.scan`
   over steps. Meant for GPU/TPU.
 * ``sharded`` - the vmap program split over a 1-D device mesh (axis ``"clients"``) with
@@ -35,6 +34,7 @@ the new client states (numpy, on the host) and per-client metrics.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -71,19 +71,22 @@ def resolve_backend(name: str, platform: str | None = None) -> str:
 MAX_AUTO_CPU_DEVICES = 4
 
 
+def _cores() -> int:
+  return max(1, len(os.sched_getaffinity(0)))
+
+
 def split_cpu(cpu_devices: int, environ=None) -> int | None:
   """Asks JAX for `cpu_devices` host devices (0: one per core, at most MAX_AUTO_CPU_DEVICES), so
   that the sequential backend can run that many clients at once. Must run before JAX starts its
   CPU backend. Leaves JAX alone (returns None) when XLA_FLAGS already forces a device count.
   Returns the count asked for. The cap of the automatic choice is a guess beyond the 2 cores we
   measured on (docs/PERFORMANCE.md): each device holds its own copy of the training set."""
-  import os
   environ = os.environ if environ is None else environ
   check(isinstance(cpu_devices, int) and not isinstance(cpu_devices, bool) and cpu_devices >= 0,
         "cpu_devices", "0 (one per core) or an integer >= 1", cpu_devices)
   if "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", ""):
     return None
-  count = cpu_devices or max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_CPU_DEVICES))
+  count = cpu_devices or min(_cores(), MAX_AUTO_CPU_DEVICES)
   jax.config.update("jax_num_cpu_devices", count)
   return count
 
@@ -228,13 +231,10 @@ def sequential_devices(client_devices: int = 0) -> list:
   """The devices the sequential backend spreads clients over: the first `client_devices` local
   devices; 0: all of them, but on CPU at most one per core (more concurrent clients than cores
   only adds compilations: each device compiles its own copy of the step programs)."""
-  import os
   devices = jax.local_devices()
   if client_devices:
     return devices[:client_devices]
-  if devices[0].platform == "cpu":
-    return devices[:max(1, len(os.sched_getaffinity(0)))]
-  return devices
+  return devices[:_cores()] if devices[0].platform == "cpu" else devices
 
 
 def _make_vmap(local: LocalTraining) -> Runner:
@@ -307,8 +307,6 @@ def _make_sequential(local: LocalTraining, unroll: int, devices: list) -> Runner
       uplinks.append(jax.device_put(uplink, server))
       metrics.append(jax.device_put(metric, server))
       states.append(new_state)
-    if not states:
-      return _stack(uplinks), client_states, _stack(metrics)
     host_states = jax.tree.map(lambda *xs: np.stack(xs), *_to_host(states))
     return _stack(uplinks), host_states, _stack(metrics)
 

@@ -49,6 +49,7 @@ def test_only_padded_3x3_stride_1_convs_of_large_images_take_the_fast_gradient()
   assert not _is_fast((2, 16, 16, 3), (3, 3, 3, 8), padding="VALID")
   assert not _is_fast((2, 16, 16, 4), (3, 3, 2, 8), feature_group_count=2)
   assert not _is_fast((2, 16, 16, 3), (3, 3, 3, 8), dimension_numbers=("NCHW", "OIHW", "NCHW"))
+  assert not _is_fast((2, 16, 16, 3), (3, 3, 3, 8), dimension_numbers=None)  # lax's NCHW default
 
 
 @pytest.mark.parametrize("padding,strides", [("SAME", 1), (((1, 1), (1, 1)), 1), ("SAME", 2)])

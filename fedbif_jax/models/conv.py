@@ -2,8 +2,8 @@
 
 On XLA's CPU backend the weight gradient of a 3x3, stride-1 convolution over a large image is
 its slowest part: XLA computes it as a convolution whose kernel is the whole 32x32 or 16x16
-output gradient, at 20-30 GFLOP/s where the forward convolution reaches 120-250 on the same
-machine (benchmarks/conv_grad.py). `conv_general_dilated` is a drop-in for
+output gradient, which takes about 4x the forward convolution's time on the same layer
+(benchmarks/conv_grad.py, docs/PERFORMANCE.md). `conv_general_dilated` is a drop-in for
 ``lax.conv_general_dilated`` (Flax's ``nn.Conv(conv_general_dilated=...)``) that keeps XLA's
 forward and input gradient and, on CPU, computes the weight gradient of such a convolution as
 nine matrix products, one per kernel offset (i, j):
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from jax import lax
 
 NHWC = ("NHWC", "HWIO", "NHWC")
-# Measured on the 2-core CPU (benchmarks/conv_grad.py): the nine products win from 16x16 images up
-# (2.5x at 16x16x32->64, 1.3x at 16x16x128->128, 1.15x at 32x32x64->64) and lose at 8x8x256.
+# benchmarks/conv_grad.py on the 2-core CPU (docs/PERFORMANCE.md): the nine products win from
+# 16x16 images up (1.1-2.9x) and lose at 8x8 (0.94x at 8x8x256->256).
 MIN_PIXELS = 16 * 16
 
 
@@ -66,16 +66,17 @@ def _is_padded_3x3(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation
                    dimension_numbers, feature_group_count, batch_group_count) -> bool:
   if lhs.ndim != 4 or rhs.shape[:2] != (3, 3) or tuple(window_strides) != (1, 1):
     return False
-  if padding != "SAME" and [tuple(p) for p in padding] != [(1, 1), (1, 1)]:
+  if padding != "SAME" and (isinstance(padding, str)
+                            or [tuple(p) for p in padding] != [(1, 1), (1, 1)]):
     return False
   if any(d is not None and tuple(d) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
     return False
   if feature_group_count != 1 or batch_group_count != 1:
     return False
-  expected = lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
-  given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers or NHWC) \
-      if not isinstance(dimension_numbers, lax.ConvDimensionNumbers) else dimension_numbers
-  return given == expected and lhs.shape[1] * lhs.shape[2] >= MIN_PIXELS
+  # None is lax's default layout (NCHW, OIHW), not ours.
+  layout = lambda numbers: lax.conv_dimension_numbers(lhs.shape, rhs.shape, numbers)
+  return (layout(dimension_numbers) == layout(NHWC)
+          and lhs.shape[1] * lhs.shape[2] >= MIN_PIXELS)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
