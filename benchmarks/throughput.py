@@ -13,9 +13,9 @@ FLOPs per local step come from XLA's compiled cost analysis of one jitted step (
 backward, update), the same count used for PyTorch (identical model and batch).
 
 The CPU is split into one host device per core first (``--cpu_devices``, as launch.py does), and
-the sequential backend is timed on one device and on all of them. Also measured: the weight
-gradient of the models' 3x3 convolutions, XLA's against `fedbif_jax/models/conv.py`
-(benchmarks/conv_grad.py), and device memory with 20 vs 1,000 clients.
+the sequential backend is timed on one device and on all of them. Also measured: the models' 3x3
+convolutions under XLA's default CPU options and under `fedbif_jax.xla_options` (which our
+programs use; benchmarks/conv_grad.py), and device memory with 20 vs 1,000 clients.
 
 Usage:
   python benchmarks/throughput.py --quick      # a few minutes on 2 CPU cores
@@ -43,7 +43,7 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import conv_grad  # noqa: E402  (benchmarks/, this script's directory)
-from fedbif_jax import parallel  # noqa: E402
+from fedbif_jax import parallel, xla_options  # noqa: E402
 from fedbif_jax.algorithms import get_algorithm  # noqa: E402
 from fedbif_jax.algorithms.base import RoundInfo  # noqa: E402
 from fedbif_jax.client import Batches, TrainData, make_local_training  # noqa: E402
@@ -98,7 +98,9 @@ def bench_ours(model_name: str, algorithm: str, backend: str, clients: int, per_
   algo = get_algorithm(config)
   local = make_local_training(algo, model, optax.sgd(config.lr), MEAN, STD)
   runner = parallel.make_runner(backend, local, unroll, client_devices)
-  broadcast, aggregate = jax.jit(algo.broadcast), jax.jit(algo.aggregate)
+  server = xla_options.compiler_options(jax.default_backend(), "server")  # as train.py
+  broadcast = jax.jit(algo.broadcast, compiler_options=server)
+  aggregate = jax.jit(algo.aggregate, compiler_options=server)
   data = runner.place(TrainData(x, y))
   parts = [np.arange(c * per_client, (c + 1) * per_client) for c in range(clients)]
   states = jax.tree.map(lambda *s: np.stack(s), *[
@@ -341,9 +343,10 @@ def write_report(path: str, args, peak: float, rows: list[dict], torch_row, head
               f"XLA's FLOPs of the same step); ours: {ours_step:.2f} s per client step in a "
               "FedAvg round."]
   if conv_rows:
-    lines += ["", "Weight gradients of 3x3 stride-1 convolutions (batch 64; `benchmarks/conv_grad.py`): "
-              "XLA's own against the nine offset products of `fedbif_jax/models/conv.py`, which the "
-              "models use on CPU from 16x16 images up:", ""] + conv_grad.table(conv_rows)
+    lines += ["", "The models' 3x3 stride-1 convolutions (batch 64; `benchmarks/conv_grad.py`), compiled "
+              "with XLA's default CPU options (YNNPACK, one thread per convolution) and with "
+              "`fedbif_jax/xla_options.py` (Eigen, all intra-op threads), which the training "
+              "programs use:", ""] + conv_grad.table(conv_rows)
   if memory:
     lines += ["", "Memory with many clients (FedBiF, built-in digits, `train_and_evaluate`; client "
               "states on the host, the device holds one round's clients):", "",
@@ -437,7 +440,7 @@ def main() -> None:
     r18_fedavg = best("resnet18", "fedavg")
     headline["torch_resnet18_gflops_fraction_of_peak"] = (
         r18_fedavg["flops_per_step"] / torch_r18["step_s"] / 1e9 / peak)
-  conv_rows = conv_grad.measure(conv_grad.SHAPES[1:6] if args.quick else conv_grad.SHAPES)
+  conv_rows = conv_grad.measure(conv_grad.SHAPES[:5] if args.quick else conv_grad.SHAPES)
   print(json.dumps(conv_rows), flush=True)
   memory = [bench_many_clients(n, 10, 3) for n in (20, 1000)]
   for m in memory:

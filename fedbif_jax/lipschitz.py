@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 class Layer(NamedTuple):
@@ -69,7 +70,10 @@ def linear_layers(model: nn.Module, variables: dict, x: jax.Array) -> list[Layer
     if context.method_name != "__call__":
       return out
     if isinstance(module, (nn.Conv, nn.Dense)):
-      records.append({"path": module.scope.path, "module": module.clone(parent=None),
+      # lax's own convolution: the models' (`fedbif_jax.models.conv`) is a jax.custom_vjp, which
+      # has no forward mode; the linear map is the same.
+      plain = {"conv_general_dilated": lax.conv_general_dilated} if isinstance(module, nn.Conv) else {}
+      records.append({"path": module.scope.path, "module": module.clone(parent=None, **plain),
                       "shape": tuple(args[0].shape), "out": out, "bn": None})
     elif isinstance(module, nn.BatchNorm) and records and args[0] is records[-1]["out"]:
       records[-1]["bn"] = (module.scope.path,

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -18,6 +19,7 @@ import optax
 
 from fedbif_jax import data as data_lib
 from fedbif_jax.client import normalize
+from fedbif_jax.xla_options import compiler_options
 from fedbif_jax.wire import Bits
 
 
@@ -30,7 +32,7 @@ def make_evaluator(model, eval_variables: Callable, dataset, batch_size: int
   idx, mask = jnp.asarray(idx), jnp.asarray(mask)
   mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options(jax.default_backend()))
   def batch_stats(variables, x, y, batch_idx, batch_mask):
     logits = model.apply(variables, normalize(x[batch_idx], mean, std), train=False)
     labels = y[batch_idx]

@@ -6,14 +6,15 @@ Backends (``config.parallel``):
   ``config.client_devices``; all devices dispatched asynchronously, so they work at once); each
   client's local steps are driven from Python as jitted chunks of ``config.unroll`` unrolled
   steps, then single steps for the remainder (`chunk_plan`). No `lax.scan`/while loop: on XLA's
-  CPU backend a while loop over convolution training steps runs 10-20x slower than the same
-  steps unrolled or dispatched from Python (docs/ARCHITECTURE facts), and `vmap` over clients
-  about 2x slower than running them in turn (docs/PERFORMANCE.md; 43x before the models' conv
-  weight gradient moved to `models/conv.py`). Fully padded steps are skipped on the host (they
+  CPU backend a convolution's weight gradient inside a while loop runs 100x slower or more than
+  the same step unrolled or dispatched from Python (`fedbif_jax/models/conv.py`), and XLA's own
+  weight gradients are the fastest outside one. Fully padded steps are skipped on the host (they
   are no-ops). On CPU, launch.py splits the machine into one host device per core
   (`split_cpu`), so that two small clients' programs keep 2 cores busier than one does.
 * ``vmap`` - one program for all clients of the round: `jax.vmap` over clients of a `lax.scan`
-  over steps. Meant for GPU/TPU.
+  over steps. Meant for GPU/TPU; on CPU the models' convolutions compute their vmapped weight
+  gradients as matrix products (`models/conv.py`), which keeps the scan usable (about 2x the
+  sequential round, docs/PERFORMANCE.md).
 * ``sharded`` - the vmap program split over a 1-D device mesh (axis ``"clients"``) with
   `jax.shard_map`: each device runs its share of the clients. The round's client count is padded
   to a multiple of the device count with fully masked dummy clients, whose outputs are dropped.
@@ -22,6 +23,9 @@ Backends (``config.parallel``):
   clients on its own devices and the round's outputs are all-gathered.
 * ``auto`` - ``sequential`` on CPU, ``vmap`` elsewhere; ``sharded`` in a multi-process job (the
   only backend allowed there).
+
+Every backend's programs compile with `fedbif_jax.xla_options.compiler_options` (on CPU:
+convolutions on all intra-op threads).
 
 Backends agree to float rounding, but a rounding difference can legitimately change a
 subgradient where a tie is exact: max-pool near-ties, and ReLU at exactly 0 (FedBiF's integer
@@ -43,6 +47,7 @@ import numpy as np
 
 from fedbif_jax.client import Batches, LocalTraining, TrainData
 from fedbif_jax.errors import check
+from fedbif_jax.xla_options import compiler_options
 
 BACKENDS = ("auto", "sequential", "vmap", "sharded")
 CLIENT_AXIS = "clients"
@@ -160,7 +165,8 @@ def _make_sharded(local: LocalTraining) -> Runner:
 
   update = jax.jit(jax.shard_map(per_shard, mesh=mesh,
                                  in_specs=(replicated, spec, spec, spec, replicated),
-                                 out_specs=(spec, spec, spec), check_vma=False))
+                                 out_specs=(spec, spec, spec), check_vma=False),
+                   compiler_options=compiler_options(devices[0].platform))
   on_mesh = jax.sharding.NamedSharding(mesh, spec)
   everywhere = jax.sharding.NamedSharding(mesh, replicated)
   server = jax.local_devices()[0]
@@ -238,7 +244,7 @@ def sequential_devices(client_devices: int = 0) -> list:
 
 
 def _make_vmap(local: LocalTraining) -> Runner:
-  update = jax.jit(_batched(local))
+  update = jax.jit(_batched(local), compiler_options=compiler_options(jax.default_backend()))
 
   def run(downlink, client_states, idx, mask, keys, data: TrainData):
     batches = Batches(jnp.asarray(idx), jnp.asarray(mask))
@@ -268,9 +274,10 @@ def _make_sequential(local: LocalTraining, unroll: int, devices: list) -> Runner
   copied to every device once (`place`); uplinks and metrics are gathered on ``devices[0]`` (the
   server's device) and client states on the host.
   """
-  start = jax.jit(local.start)
-  steps = jax.jit(local.steps, static_argnames="num_steps")
-  finish = jax.jit(local.finish)
+  options = compiler_options(devices[0].platform)
+  start = jax.jit(local.start, compiler_options=options)
+  steps = jax.jit(local.steps, static_argnames="num_steps", compiler_options=options)
+  finish = jax.jit(local.finish, compiler_options=options)
   server = devices[0]
 
   compiled_on = set()  # devices whose two step programs exist

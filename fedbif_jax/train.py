@@ -52,6 +52,7 @@ from fedbif_jax.algorithms.base import Algorithm, RoundInfo
 from fedbif_jax.client import LocalTraining, TrainData, make_local_training
 from fedbif_jax.errors import check, check_positive_number
 from fedbif_jax.models import MODELS, bit_trained_predicate, get_model
+from fedbif_jax.xla_options import compiler_options
 
 log = logging.getLogger("fedbif_jax")
 
@@ -335,8 +336,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   runner = parallel.make_runner(config.parallel, job.local, config.unroll,
                                   config.client_devices)
-  broadcast = jax.jit(algorithm.broadcast)
-  aggregate = jax.jit(algorithm.aggregate)
+  server = compiler_options(jax.default_backend(), "server")
+  broadcast = jax.jit(algorithm.broadcast, compiler_options=server)
+  aggregate = jax.jit(algorithm.aggregate, compiler_options=server)
   probe = (metrics_lib.make_lipschitz_probe(job.model, algorithm.eval_variables,
                                             dataset.x_train.shape[1:], config.lipschitz_iterations)
            if config.lipschitz_every else None)

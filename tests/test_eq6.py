@@ -21,6 +21,7 @@ from fedbif_jax import quant
 from fedbif_jax import selectors
 from fedbif_jax.algorithms.fedbif import aggregate_bits
 from fedbif_jax.algorithms.fedbif import aggregate_by_recovery
+from fedbif_jax.algorithms.fedbif import aggregate_ints
 from fedbif_jax.algorithms.fedbif import recover_client_bits
 
 _FAST = settings(max_examples=15, deadline=None)
@@ -134,6 +135,9 @@ def test_eq6_equals_recover_then_average(m, s, weighting, seed, round_index):
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=atol)
   by_recovery = aggregate_by_recovery(uploads, frozen, active, alpha, jnp.asarray(weights), m)
   np.testing.assert_allclose(np.asarray(by_recovery), expected, rtol=1e-6, atol=atol)
+  # From the integers themselves (what FedBiF's aggregate uses): the same, to the bit.
+  from_ints = aggregate_ints(uploads, q, active, alpha, jnp.asarray(weights), m)
+  np.testing.assert_array_equal(np.asarray(from_ints), np.asarray(got))
   np.testing.assert_allclose(np.asarray(got), np.asarray(by_recovery), rtol=1e-6, atol=atol)
   # The result is a weighted mean of representable weights: inside the quantization range.
   lo, hi = quant.int_range(m)

@@ -393,3 +393,33 @@ def test_max_pool_2x2_equals_flax_max_pool_and_routes_gradient_to_the_max(shape)
   g_ref = jax.grad(lambda a: jnp.sum(nn.max_pool(a, (2, 2), strides=(2, 2)) * 3.0))(x)
   np.testing.assert_array_equal(g, g_ref)
   assert float(jnp.sum(g)) == 3.0 * (shape[0] * (shape[1] // 2) * (shape[2] // 2) * shape[3])
+
+
+def test_max_pool_2x2_gives_a_tied_window_gradient_to_its_first_maximum():
+  from fedbif_jax.models.layers import max_pool_2x2
+  # One 4x5 image, one channel: windows (rows 0-1 / 2-3, cols 0-1 / 2-3; col 4 dropped).
+  x = jnp.array([[1., 1., 0., 2., 9.],
+                 [1., 0., 2., 2., 9.],
+                 [-1., -3., 5., 4., 9.],
+                 [-2., -1., 4., 5., 9.]]).reshape(1, 4, 5, 1)
+  upstream = jnp.array([[10., 20.], [30., 40.]]).reshape(1, 2, 2, 1)
+  g = jax.grad(lambda a: jnp.sum(max_pool_2x2(a) * upstream))(x)[0, :, :, 0]
+  expected = np.array([[10., 0., 0., 20., 0.],   # three-way tie at 1: top-left; tie at 2: (0, 3)
+                       [0., 0., 0., 0., 0.],
+                       [30., 0., 40., 0., 0.],   # ties at -1 and at 5: the first of each
+                       [0., 0., 0., 0., 0.]])
+  np.testing.assert_array_equal(g, expected)
+  np.testing.assert_array_equal(max_pool_2x2(x)[0, :, :, 0], [[1., 2.], [-1., 5.]])
+
+
+def test_relu_before_or_after_max_pool_2x2_same_values_and_gradient():
+  from fedbif_jax.models.layers import max_pool_2x2
+  # Integer-valued input: many exact ties, zeros and negative windows.
+  x = jnp.round(2 * jax.random.normal(jax.random.key(0), (3, 6, 6, 4)))
+  c = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+  first = lambda a: jnp.sum(max_pool_2x2(jax.nn.relu(a)) * c)
+  after = lambda a: jnp.sum(jax.nn.relu(max_pool_2x2(a)) * c)
+  np.testing.assert_array_equal(first(x), after(x))
+  np.testing.assert_array_equal(jax.grad(first)(x), jax.grad(after)(x))
+  g = jax.jit(jax.vmap(jax.grad(after)))(jnp.stack([x, -x]))   # also under jit and vmap
+  np.testing.assert_array_equal(g[0], jax.grad(after)(x))

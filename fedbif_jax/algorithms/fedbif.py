@@ -95,18 +95,42 @@ def aggregate_bits(active_bits: jax.Array, frozen_bits: jax.Array, active: jax.A
   m = quant.check_bits(m)
   if frozen_bits.shape[0] != m:
     raise ValueError(f"frozen_bits: leading axis must be m={m}, got shape {frozen_bits.shape}")
+  active_part = _mean_active_part(active_bits, active, alpha, weights)
+  frozen_pow2 = jnp.where(active, 0.0, 2.0 ** jnp.arange(m, dtype=jnp.float32))
+  frozen_part = jnp.tensordot(frozen_pow2, frozen_bits.astype(jnp.float32), axes=1)
+  return alpha * (active_part + frozen_part - 2.0 ** (m - 1))
+
+
+def _mean_active_part(active_bits, active, alpha, weights) -> jax.Array:
+  """Validates Eq. 6's inputs; returns sum_k p_k sum_{i in S} 2^i b_{i,k}, float32 [...]."""
   _check_client_weights(weights, active_bits.shape[0])
   quant._check_alpha(alpha)
   s = active_bits.shape[1]
   _check_mask_count(active, s)
   idx = selectors.active_indices(active, s)
   w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (active_bits.ndim - 2))
-  pow2 = 2.0 ** idx.astype(jnp.float32)
   mean_active = jnp.sum(w[:, None] * active_bits.astype(jnp.float32), axis=0)   # [s, ...]
-  active_part = jnp.tensordot(pow2, mean_active, axes=1)
-  frozen_pow2 = jnp.where(active, 0.0, 2.0 ** jnp.arange(m, dtype=jnp.float32))
-  frozen_part = jnp.tensordot(frozen_pow2, frozen_bits.astype(jnp.float32), axes=1)
-  return alpha * (active_part + frozen_part - 2.0 ** (m - 1))
+  return jnp.tensordot(2.0 ** idx.astype(jnp.float32), mean_active, axes=1)
+
+
+def aggregate_ints(active_bits: jax.Array, ints: jax.Array, active: jax.Array, alpha: jax.Array,
+                   weights: jax.Array, m: int) -> jax.Array:
+  """Eq. 6 with the frozen bits read off the broadcast offset-binary integers: `aggregate_bits`
+  with frozen_bits = the bits of `ints`, to the bit, without building the m bit planes.
+
+  The frozen sum sum_{j not in S} 2^j b_j is (q + 2^(m-1)) with the activated bits cleared (one
+  bitwise AND), as in the clients' `model_params`, so the server never holds the m float bit
+  planes of a layer (ResNet-18 at m = 4: 178 MB).
+
+  Args:
+    ints: int [...], the layer's broadcast integers q in [-2^(m-1), 2^(m-1)) (offset binary).
+    Other arguments as in `aggregate_bits`.
+  """
+  m = quant.check_bits(m)
+  active_part = _mean_active_part(active_bits, active, alpha, weights)
+  active_word = jnp.sum(jnp.where(active, 2 ** jnp.arange(m, dtype=jnp.int32), 0))
+  frozen_part = (ints.astype(jnp.int32) + 2 ** (m - 1)) & ~active_word
+  return alpha * (active_part + frozen_part.astype(jnp.float32) - 2.0 ** (m - 1))
 
 
 def aggregate_by_recovery(active_bits: jax.Array, frozen_bits: jax.Array, active: jax.Array,
@@ -191,12 +215,14 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     """Eq. 4 with the frozen bits read off the received integers: per step, O(s) work per weight.
 
     Offset binary: q + 2^(m-1) = sum_j 2^j b_j, so the frozen bits contribute
-    (q + 2^(m-1)) - sum_{i in S} 2^i b_i(q), an exact integer; the activated bits contribute
-    sum_{i in S} 2^i h(v_i) through the straight-through step. The same weights, to the bit, as
+    (q + 2^(m-1)) with the activated bits cleared (one bitwise AND with the complement of
+    sum_{i in S} 2^i), an exact integer; the activated bits contribute sum_{i in S} 2^i h(v_i)
+    through the straight-through step. The same weights, to the bit, as
     `bits.weights_from_bits` over all m virtual bits (whose frozen bits equal the received ones
     after inheritance), with the same gradients.
     """
     idx = selectors.active_indices(downlink["active"], s)
+    active_word = jnp.sum(jnp.where(downlink["active"], 2 ** jnp.arange(m, dtype=jnp.int32), 0))
 
     def leaf(v_active, alpha, q):
       if encoding != "offset":  # sign-magnitude is not linear in the bits: rebuild all m
@@ -205,7 +231,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
                                        encoding)
       u = q.values.astype(jnp.int32) + 2 ** (m - 1)                     # sum_j 2^j b_j
       pow2 = (2 ** idx.astype(jnp.int32)).reshape((s,) + (1,) * u.ndim)  # 2^i, i in S
-      frozen_part = u - jnp.sum(pow2 * ((u[None] // pow2) & 1), axis=0)  # exact integer
+      frozen_part = u & ~active_word                                     # exact integer
       active_part = jnp.sum(pow2.astype(jnp.float32) * bits_lib.ste_step(v_active), axis=0)
       return alpha * (frozen_part.astype(jnp.float32) + active_part - 2.0 ** (m - 1))
 
@@ -226,12 +252,15 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
 
   def aggregate(state, downlink, uplinks, weights, client_metrics):
     del client_metrics
-    frozen = received_bits(downlink)
-    fold = aggregate_bits if encoding == "offset" else (
-        lambda *a: aggregate_by_recovery(*a, encoding=encoding))
-    new_weights = jax.tree.map(
-        lambda up, fb, alpha: fold(up.values, fb, downlink["active"], alpha, weights, m),
-        uplinks["weights"], frozen, downlink["alpha"], is_leaf=lambda x: isinstance(x, Bits))
+    if encoding == "offset":  # Eq. 6 straight from the broadcast integers
+      fold = lambda up, q, alpha: aggregate_ints(up.values, q.values, downlink["active"], alpha,
+                                                 weights, m)
+    else:
+      fold = lambda up, q, alpha: aggregate_by_recovery(
+          up.values, quant.to_bits(q.values, m, encoding), downlink["active"], alpha, weights, m,
+          encoding=encoding)
+    new_weights = jax.tree.map(fold, uplinks["weights"], downlink["weights"], downlink["alpha"],
+                               is_leaf=lambda x: isinstance(x, Bits))
     other = base.weighted_mean(uplinks["other"], weights)
     return {"params": bits_lib.merge_params(new_weights, other),
             "model_state": base.weighted_mean(uplinks["model_state"], weights),

@@ -42,6 +42,7 @@ from fedbif_jax import wire
 from fedbif_jax.client import TrainData
 from fedbif_jax.deploy import payload as payload_lib
 from fedbif_jax.deploy.payload import PayloadError
+from fedbif_jax.xla_options import compiler_options
 
 log = logging.getLogger("fedbif_jax")
 
@@ -96,8 +97,9 @@ class Server:
     # programs) agree.
     self.state = jax.device_put(algorithm.init(job.k_server, job.variables),
                                 jax.local_devices()[0])
-    self._broadcast = jax.jit(algorithm.broadcast)
-    self._aggregate = jax.jit(algorithm.aggregate)
+    server = compiler_options(jax.default_backend(), "server")
+    self._broadcast = jax.jit(algorithm.broadcast, compiler_options=server)
+    self._aggregate = jax.jit(algorithm.aggregate, compiler_options=server)
     self._evaluate = metrics_lib.make_evaluator(job.model, algorithm.eval_variables, job.dataset,
                                                 config.eval_batch_size)
     self._client_state = jax.eval_shape(algorithm.init_client, job.k_clients, job.variables)

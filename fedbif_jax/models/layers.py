@@ -35,17 +35,18 @@ BN_EPSILON = 1e-5
 
 
 def conv3x3(features: int, strides: int = 1, name: Optional[str] = None) -> nn.Conv:
-  """A bias-free 3x3 convolution with one pixel of zero padding on every side (NHWC); at stride 1
-  its weight gradient takes the fast CPU path of `fedbif_jax.models.conv`."""
+  """A bias-free 3x3 convolution with one pixel of zero padding on every side (NHWC), through
+  `fedbif_jax.models.conv` (a weight gradient that stays fast in vmapped loops on CPU)."""
   return nn.Conv(features, (3, 3), strides=(strides, strides), padding=((1, 1), (1, 1)),
                  use_bias=False, kernel_init=he_normal, name=name,
                  conv_general_dilated=conv.conv_general_dilated)
 
 
 def conv1x1(features: int, strides: int = 1, name: Optional[str] = None) -> nn.Conv:
-  """A bias-free 1x1 convolution (the ResNet projection shortcut)."""
+  """A bias-free 1x1 convolution (the ResNet projection shortcut), through
+  `fedbif_jax.models.conv`."""
   return nn.Conv(features, (1, 1), strides=(strides, strides), padding="VALID", use_bias=False,
-                 kernel_init=he_normal, name=name)
+                 kernel_init=he_normal, name=name, conv_general_dilated=conv.conv_general_dilated)
 
 
 def batch_norm(x: jax.Array, train: bool, mask: Optional[jax.Array],
@@ -75,11 +76,55 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max-pool with stride 2 on NHWC (VALID: an odd last row/column is dropped).
 
   The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``, computed as a max over a
-  reshape. Its gradient is elementwise (JAX's reduce-max rule: an exact tie shares the gradient
-  equally) where reduce_window's select-and-scatter gradient runs about 1.5x slower than the
-  whole rest of the small CNN's training step on XLA's CPU backend (benchmarks/throughput.py).
+  reshape. Gradient: each window's output gradient goes to its maximum; where several entries
+  tie for the maximum, all of it goes to the first in row-major order (as PyTorch's CPU
+  max-pool does; JAX's reduce-max rule would split it equally). The forward keeps which corner
+  that is (int8), so the backward is one elementwise pass, where JAX's reduce-max rule (match,
+  count, divide) and reduce_window's select-and-scatter are several. On the 2-core CPU a small-CNN
+  FedBiF training step took 21-24 ms with this rule and 28 ms with the reduce-max one (timed
+  while writing this, not by a repo benchmark; benchmarks/throughput.py times whole rounds).
+
+  With this rule ``max_pool_2x2(relu(x))`` and ``relu(max_pool_2x2(x))`` have the same values and
+  the same gradient, ties included (ReLU is monotone and its gradient at 0 is 0); the models pool
+  first, on the larger tensor, and apply ReLU to the 4x smaller one.
   """
+  _, h, w, _ = x.shape
+  return _max_pool_even(x[:, : h - h % 2, : w - w % 2, :])
+
+
+def _corners(x: jax.Array) -> list:
+  """The four corners of every 2x2 window of an even-sized NHWC x, row-major: 4 x [N, H/2, W/2, C]."""
   n, h, w, c = x.shape
-  x = x[:, : h - h % 2, : w - w % 2, :]
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  return [windows[:, :, i, :, j, :] for i in range(2) for j in range(2)]
+
+
+@jax.custom_vjp
+def _max_pool_even(x: jax.Array) -> jax.Array:
+  return _max_pool_forward(x)[0]
+
+
+def _max_pool_forward(x):
+  corners = _corners(x)
+  # A reduce_window, not the max of the corners: XLA's CPU backend would fuse that elementwise
+  # max into the pooled tensor's consumers and recompute it there from the 4x larger input (in
+  # the small CNN: inside the transpose feeding the next convolution's weight gradient, 7.4 ms
+  # of a 21 ms step in an XLA profile; 0.8 ms with the reduce_window).
+  pooled = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  first = jnp.full(pooled.shape, 3, jnp.int8)      # which corner holds the first maximum
+  for k in (2, 1, 0):
+    first = jnp.where(corners[k] == pooled, jnp.int8(k), first)
+  return pooled, first
+
+
+def _max_pool_backward(first, g):
+  n, h2, w2, c = first.shape
+  corner = (2 * jnp.arange(2, dtype=jnp.int8)[:, None] + jnp.arange(2, dtype=jnp.int8)).reshape(
+      1, 1, 2, 1, 2, 1)
+  dx = jnp.where(first[:, :, None, :, None, :] == corner, g[:, :, None, :, None, :],
+                 jnp.zeros((), g.dtype))
+  return (dx.reshape(n, 2 * h2, 2 * w2, c),)
+
+
+_max_pool_even.defvjp(_max_pool_forward, _max_pool_backward)
 

@@ -53,8 +53,9 @@ class VGG(nn.Module):
           f"{x.shape[1]}x{x.shape[2]} images")
     for i, features in enumerate(self.widths):
       x = conv3x3(features, name=f"conv{i}")(x)
-      x = nn.relu(batch_norm(x, train, mask, name=f"bn{i}"))
-      if i in self.pool_after:
+      x = batch_norm(x, train, mask, name=f"bn{i}")
+      if i in self.pool_after:  # before the ReLU: same values and gradient (layers.max_pool_2x2)
         x = max_pool_2x2(x)
+      x = nn.relu(x)
     x = x.reshape((x.shape[0], -1))
     return nn.Dense(self.num_classes, kernel_init=he_normal, name="head")(x)
