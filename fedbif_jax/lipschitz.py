@@ -72,7 +72,8 @@ def linear_layers(model: nn.Module, variables: dict, x: jax.Array) -> list[Layer
     if isinstance(module, (nn.Conv, nn.Dense)):
       # lax's own convolution: the models' (`fedbif_jax.models.conv`) is a jax.custom_vjp, which
       # has no forward mode; the linear map is the same.
-      plain = {"conv_general_dilated": lax.conv_general_dilated} if isinstance(module, nn.Conv) else {}
+      plain = ({"conv_general_dilated": lax.conv_general_dilated}
+               if isinstance(module, nn.Conv) else {})
       records.append({"path": module.scope.path, "module": module.clone(parent=None, **plain),
                       "shape": tuple(args[0].shape), "out": out, "bn": None})
     elif isinstance(module, nn.BatchNorm) and records and args[0] is records[-1]["out"]:

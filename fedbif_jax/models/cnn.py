@@ -3,9 +3,9 @@
 Two 3x3 conv layers (32 and 64 channels, 'SAME' padding, ReLU, 2x2 max-pool), then dense 128
 (ReLU) and dense `num_classes`. No BatchNorm. Each ReLU follows its max-pool (the same values and
 gradients, `fedbif_jax.models.layers.max_pool_2x2`, on a 4x smaller tensor); the convolutions'
-weight gradients are loop-safe under vmap (`fedbif_jax.models.conv`). Kernels are He-normal (untruncated normal with
-variance 2 / fan_in, as PyTorch's ``kaiming_normal_``), biases zero. On 32x32x3 inputs it has
-545,098 parameters (the dense 4096 -> 128 layer holds 524,416 of them).
+weight gradients are loop-safe under vmap (`fedbif_jax.models.conv`). Kernels are He-normal
+(untruncated normal with variance 2 / fan_in, as PyTorch's ``kaiming_normal_``), biases zero.
+On 32x32x3 inputs it has 545,098 parameters (the dense 4096 -> 128 layer holds 524,416 of them).
 """
 from __future__ import annotations
 
