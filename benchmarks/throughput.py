@@ -98,9 +98,8 @@ def bench_ours(model_name: str, algorithm: str, backend: str, clients: int, per_
   algo = get_algorithm(config)
   local = make_local_training(algo, model, optax.sgd(config.lr), MEAN, STD)
   runner = parallel.make_runner(backend, local, unroll, client_devices)
-  server = xla_options.compiler_options(jax.default_backend(), "server")  # as train.py
-  broadcast = jax.jit(algo.broadcast, compiler_options=server)
-  aggregate = jax.jit(algo.aggregate, compiler_options=server)
+  broadcast = xla_options.jit(algo.broadcast, "server")  # as train.py
+  aggregate = xla_options.jit(algo.aggregate, "server")
   data = runner.place(TrainData(x, y))
   parts = [np.arange(c * per_client, (c + 1) * per_client) for c in range(clients)]
   states = jax.tree.map(lambda *s: np.stack(s), *[

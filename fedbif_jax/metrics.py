@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -18,8 +17,8 @@ import numpy as np
 import optax
 
 from fedbif_jax import data as data_lib
+from fedbif_jax import xla_options
 from fedbif_jax.client import normalize
-from fedbif_jax.xla_options import compiler_options
 from fedbif_jax.wire import Bits
 
 
@@ -32,7 +31,7 @@ def make_evaluator(model, eval_variables: Callable, dataset, batch_size: int
   idx, mask = jnp.asarray(idx), jnp.asarray(mask)
   mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
 
-  @functools.partial(jax.jit, compiler_options=compiler_options(jax.default_backend()))
+  @xla_options.jit
   def batch_stats(variables, x, y, batch_idx, batch_mask):
     logits = model.apply(variables, normalize(x[batch_idx], mean, std), train=False)
     labels = y[batch_idx]

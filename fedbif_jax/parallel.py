@@ -13,7 +13,7 @@ Backends (``config.parallel``):
   (`split_cpu`), so that two small clients' programs keep 2 cores busier than one does.
 * ``vmap`` - one program for all clients of the round: `jax.vmap` over clients of a `lax.scan`
   over steps. Meant for GPU/TPU; on CPU the models' convolutions compute their vmapped weight
-  gradients as matrix products (`models/conv.py`), which keeps the scan usable (about 2x the
+  gradients as matrix products (`models/conv.py`), which keeps the scan usable (2-3x the
   sequential round, docs/PERFORMANCE.md).
 * ``sharded`` - the vmap program split over a 1-D device mesh (axis ``"clients"``) with
   `jax.shard_map`: each device runs its share of the clients. The round's client count is padded
@@ -24,8 +24,8 @@ Backends (``config.parallel``):
 * ``auto`` - ``sequential`` on CPU, ``vmap`` elsewhere; ``sharded`` in a multi-process job (the
   only backend allowed there).
 
-Every backend's programs compile with `fedbif_jax.xla_options.compiler_options` (on CPU:
-convolutions on all intra-op threads).
+Every backend's programs are jitted through `fedbif_jax.xla_options.jit` (on CPU: convolutions on
+all intra-op threads).
 
 Backends agree to float rounding, but a rounding difference can legitimately change a
 subgradient where a tie is exact: max-pool near-ties, and ReLU at exactly 0 (FedBiF's integer
@@ -47,7 +47,7 @@ import numpy as np
 
 from fedbif_jax.client import Batches, LocalTraining, TrainData
 from fedbif_jax.errors import check
-from fedbif_jax.xla_options import compiler_options
+from fedbif_jax import xla_options
 
 BACKENDS = ("auto", "sequential", "vmap", "sharded")
 CLIENT_AXIS = "clients"
@@ -163,10 +163,10 @@ def _make_sharded(local: LocalTraining) -> Runner:
   def per_shard(downlink, client_states, batches, key_data, data):
     return batched(downlink, client_states, batches, jax.random.wrap_key_data(key_data), data)
 
-  update = jax.jit(jax.shard_map(per_shard, mesh=mesh,
-                                 in_specs=(replicated, spec, spec, spec, replicated),
-                                 out_specs=(spec, spec, spec), check_vma=False),
-                   compiler_options=compiler_options(devices[0].platform))
+  update = xla_options.jit(jax.shard_map(per_shard, mesh=mesh,
+                                         in_specs=(replicated, spec, spec, spec, replicated),
+                                         out_specs=(spec, spec, spec), check_vma=False),
+                           platform=devices[0].platform)
   on_mesh = jax.sharding.NamedSharding(mesh, spec)
   everywhere = jax.sharding.NamedSharding(mesh, replicated)
   server = jax.local_devices()[0]
@@ -244,7 +244,7 @@ def sequential_devices(client_devices: int = 0) -> list:
 
 
 def _make_vmap(local: LocalTraining) -> Runner:
-  update = jax.jit(_batched(local), compiler_options=compiler_options(jax.default_backend()))
+  update = xla_options.jit(_batched(local))
 
   def run(downlink, client_states, idx, mask, keys, data: TrainData):
     batches = Batches(jnp.asarray(idx), jnp.asarray(mask))
@@ -274,10 +274,10 @@ def _make_sequential(local: LocalTraining, unroll: int, devices: list) -> Runner
   copied to every device once (`place`); uplinks and metrics are gathered on ``devices[0]`` (the
   server's device) and client states on the host.
   """
-  options = compiler_options(devices[0].platform)
-  start = jax.jit(local.start, compiler_options=options)
-  steps = jax.jit(local.steps, static_argnames="num_steps", compiler_options=options)
-  finish = jax.jit(local.finish, compiler_options=options)
+  platform = devices[0].platform
+  start = xla_options.jit(local.start, platform=platform)
+  steps = xla_options.jit(local.steps, platform=platform, static_argnames="num_steps")
+  finish = xla_options.jit(local.finish, platform=platform)
   server = devices[0]
 
   compiled_on = set()  # devices whose two step programs exist

@@ -47,12 +47,12 @@ from fedbif_jax import data as data_lib
 from fedbif_jax import metrics as metrics_lib
 from fedbif_jax import parallel
 from fedbif_jax import wire
+from fedbif_jax import xla_options
 from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax.algorithms.base import Algorithm, RoundInfo
 from fedbif_jax.client import LocalTraining, TrainData, make_local_training
 from fedbif_jax.errors import check, check_positive_number
 from fedbif_jax.models import MODELS, bit_trained_predicate, get_model
-from fedbif_jax.xla_options import compiler_options
 
 log = logging.getLogger("fedbif_jax")
 
@@ -336,9 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   runner = parallel.make_runner(config.parallel, job.local, config.unroll,
                                   config.client_devices)
-  server = compiler_options(jax.default_backend(), "server")
-  broadcast = jax.jit(algorithm.broadcast, compiler_options=server)
-  aggregate = jax.jit(algorithm.aggregate, compiler_options=server)
+  broadcast = xla_options.jit(algorithm.broadcast, "server")
+  aggregate = xla_options.jit(algorithm.aggregate, "server")
   probe = (metrics_lib.make_lipschitz_probe(job.model, algorithm.eval_variables,
                                             dataset.x_train.shape[1:], config.lipschitz_iterations)
            if config.lipschitz_every else None)

@@ -7,15 +7,15 @@ thread. Two of those choices are slow for us, each in one kind of program:
 * ``train`` (a client's local steps, `fedbif_jax/parallel.py`; evaluation): convolutions. Without
   them in the YNN fusion types they run as Eigen's convolutions over all the intra-op threads,
   and their weight gradients 1.3-4x faster (benchmarks/conv_grad.py times every layer shape both
-  ways, docs/PERFORMANCE.md). On the 2-core CPU a FedBiF training step at batch 64 went from 47
-  to 27 ms (small CNN) and from 2.16 to 1.19 s (ResNet-18) with it. Reductions stay with YNNPACK:
-  without them the ResNet-18 step (BatchNorm statistics) took 1.83 s instead of 1.27 s.
-* ``server`` (broadcast and aggregation, `fedbif_jax/train.py`): reductions too. A weighted sum
-  over the clients' axis as a YNNPACK reduction took 0.48 s for one FedBiF aggregation of
-  ResNet-18 (4 clients), 7 ms without it.
+  ways, docs/PERFORMANCE.md). Reductions stay with YNNPACK (BatchNorm statistics).
+* ``server`` (broadcast and aggregation, `fedbif_jax/train.py`): reductions too; a weighted sum
+  over the clients' axis is slow as a YNNPACK reduction.
 
-(Figures timed while writing this, on the 2-core CPU; benchmarks/throughput.py times whole
-rounds.) A compile option takes the whole list of fusion types, not an edit of XLA's default.
+`benchmarks/compile_options.py` on the 2-core CPU (two runs), a FedBiF training step at batch
+64: small CNN 48 ms with XLA's defaults, 20-22 ms with ``train``; ResNet-18 2.11-2.23 s, 1.29-1.30 s
+with ``train``, 1.83-1.87 s with ``server``'s list. One FedBiF aggregation of ResNet-18 over 4
+clients: 457-499 ms with XLA's defaults, 8-10 ms with ``server``. A compile option takes the whole list of fusion types, not an
+edit of XLA's default.
 
 The option is experimental, so it is used only where this jaxlib accepts it (checked once per
 platform by compiling a one-line program); elsewhere XLA's defaults apply, only slower.
@@ -55,3 +55,10 @@ def compiler_options(platform: str, program: str = "train") -> dict | None:
   if platform == "cpu" and _accepted(platform, program):
     return dict(CPU_COMPILER_OPTIONS[program])
   return None
+
+
+def jit(fun, program: str = "train", platform: str | None = None, **jit_kwargs):
+  """``jax.jit(fun, **jit_kwargs)`` compiled with `compiler_options` for `program` on `platform`
+  (default: JAX's default backend). Every program of a run is jitted through this."""
+  options = compiler_options(platform or jax.default_backend(), program)
+  return jax.jit(fun, compiler_options=options, **jit_kwargs)

@@ -122,6 +122,6 @@ def test_a_program_under_the_options_computes_the_same(program):
   def f(x, w):  # a convolution's weight gradient, and a weighted sum over a leading axis
     dw = jax.grad(lambda w: jnp.sum(jnp.sin(_lax(x, w, 1, "SAME"))))(w)
     return dw, jnp.sum(weights[:, None, None, None] * x, axis=0)
-  tuned = jax.jit(f, compiler_options=xla_options.compiler_options("cpu", program))(x, w)
+  tuned = xla_options.jit(f, program, platform="cpu")(x, w)
   for a, b in zip(tuned, jax.jit(f)(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

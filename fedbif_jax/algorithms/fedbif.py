@@ -118,9 +118,8 @@ def aggregate_ints(active_bits: jax.Array, ints: jax.Array, active: jax.Array, a
   """Eq. 6 with the frozen bits read off the broadcast offset-binary integers: `aggregate_bits`
   with frozen_bits = the bits of `ints`, to the bit, without building the m bit planes.
 
-  The frozen sum sum_{j not in S} 2^j b_j is (q + 2^(m-1)) with the activated bits cleared (one
-  bitwise AND), as in the clients' `model_params`, so the server never holds the m float bit
-  planes of a layer (ResNet-18 at m = 4: 178 MB).
+  The frozen sum sum_{j not in S} 2^j b_j is `frozen_sum` of the integers, as in the clients'
+  `model_params`, so the server never holds the m float bit planes of a layer.
 
   Args:
     ints: int [...], the layer's broadcast integers q in [-2^(m-1), 2^(m-1)) (offset binary).
@@ -128,9 +127,18 @@ def aggregate_ints(active_bits: jax.Array, ints: jax.Array, active: jax.Array, a
   """
   m = quant.check_bits(m)
   active_part = _mean_active_part(active_bits, active, alpha, weights)
-  active_word = jnp.sum(jnp.where(active, 2 ** jnp.arange(m, dtype=jnp.int32), 0))
-  frozen_part = (ints.astype(jnp.int32) + 2 ** (m - 1)) & ~active_word
+  frozen_part = frozen_sum(ints, active, m)
   return alpha * (active_part + frozen_part.astype(jnp.float32) - 2.0 ** (m - 1))
+
+
+def frozen_sum(ints: jax.Array, active: jax.Array, m: int) -> jax.Array:
+  """sum_{j not in S} 2^j b_j of offset-binary integers (Eq. 4), exact: int32 [...].
+
+  q + 2^(m-1) = sum_j 2^j b_j, so this is q + 2^(m-1) with the activated bits (`active`, bool
+  [m]) cleared by one bitwise AND.
+  """
+  active_word = jnp.sum(jnp.where(active, 2 ** jnp.arange(m, dtype=jnp.int32), 0))
+  return (ints.astype(jnp.int32) + 2 ** (m - 1)) & ~active_word
 
 
 def aggregate_by_recovery(active_bits: jax.Array, frozen_bits: jax.Array, active: jax.Array,
@@ -215,23 +223,21 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     """Eq. 4 with the frozen bits read off the received integers: per step, O(s) work per weight.
 
     Offset binary: q + 2^(m-1) = sum_j 2^j b_j, so the frozen bits contribute
-    (q + 2^(m-1)) with the activated bits cleared (one bitwise AND with the complement of
-    sum_{i in S} 2^i), an exact integer; the activated bits contribute sum_{i in S} 2^i h(v_i)
-    through the straight-through step. The same weights, to the bit, as
+    (q + 2^(m-1)) with the activated bits cleared (`frozen_sum`), an exact integer; the
+    activated bits contribute sum_{i in S} 2^i h(v_i) through the straight-through step. The
+    same weights, to the bit, as
     `bits.weights_from_bits` over all m virtual bits (whose frozen bits equal the received ones
     after inheritance), with the same gradients.
     """
     idx = selectors.active_indices(downlink["active"], s)
-    active_word = jnp.sum(jnp.where(downlink["active"], 2 ** jnp.arange(m, dtype=jnp.int32), 0))
 
     def leaf(v_active, alpha, q):
       if encoding != "offset":  # sign-magnitude is not linear in the bits: rebuild all m
         full = quant.to_bits(q.values, m, encoding).astype(jnp.float32)
         return bits_lib.leaf_from_bits(full.at[idx].set(v_active), alpha, downlink["active"], m,
                                        encoding)
-      u = q.values.astype(jnp.int32) + 2 ** (m - 1)                     # sum_j 2^j b_j
-      pow2 = (2 ** idx.astype(jnp.int32)).reshape((s,) + (1,) * u.ndim)  # 2^i, i in S
-      frozen_part = u & ~active_word                                     # exact integer
+      frozen_part = frozen_sum(q.values, downlink["active"], m)            # exact integer
+      pow2 = (2 ** idx.astype(jnp.int32)).reshape((s,) + (1,) * q.values.ndim)  # 2^i, i in S
       active_part = jnp.sum(pow2.astype(jnp.float32) * bits_lib.ste_step(v_active), axis=0)
       return alpha * (frozen_part.astype(jnp.float32) + active_part - 2.0 ** (m - 1))
 

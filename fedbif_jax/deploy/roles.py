@@ -42,7 +42,7 @@ from fedbif_jax import wire
 from fedbif_jax.client import TrainData
 from fedbif_jax.deploy import payload as payload_lib
 from fedbif_jax.deploy.payload import PayloadError
-from fedbif_jax.xla_options import compiler_options
+from fedbif_jax import xla_options
 
 log = logging.getLogger("fedbif_jax")
 
@@ -97,9 +97,8 @@ class Server:
     # programs) agree.
     self.state = jax.device_put(algorithm.init(job.k_server, job.variables),
                                 jax.local_devices()[0])
-    server = compiler_options(jax.default_backend(), "server")
-    self._broadcast = jax.jit(algorithm.broadcast, compiler_options=server)
-    self._aggregate = jax.jit(algorithm.aggregate, compiler_options=server)
+    self._broadcast = xla_options.jit(algorithm.broadcast, "server")
+    self._aggregate = xla_options.jit(algorithm.aggregate, "server")
     self._evaluate = metrics_lib.make_evaluator(job.model, algorithm.eval_variables, job.dataset,
                                                 config.eval_batch_size)
     self._client_state = jax.eval_shape(algorithm.init_client, job.k_clients, job.variables)

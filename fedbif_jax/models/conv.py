@@ -2,9 +2,10 @@
 
 On XLA's CPU backend a convolution's weight gradient (XLA computes it as another convolution,
 whose kernel is the output gradient) runs 100x slower or more inside a while loop
-(`lax.scan`) than outside one; its forward and input gradient do not (measured on the 2-core
-CPU: 4 scanned SGD steps of a 16x16x32->64 conv took 4.2 s, unrolled 27 ms; with the weight
-gradient as matrix products, scanned, 43 ms). The vmap and sharded backends run each client's
+(`lax.scan`) than outside one; its forward and input gradient do not (benchmarks/
+compile_options.py on the 2-core CPU, two runs: 4 SGD steps of a 16x16x32->64 conv at batch 64
+took 25-28 ms unrolled, 4.0-4.2 s scanned, and 51-57 ms scanned under vmap with this module's
+weight gradient). The vmap and sharded backends run each client's
 steps in a `lax.scan` under `jax.vmap` (`fedbif_jax/parallel.py`).
 
 `conv_general_dilated` is a drop-in for ``lax.conv_general_dilated`` (Flax's

@@ -80,9 +80,10 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   tie for the maximum, all of it goes to the first in row-major order (as PyTorch's CPU
   max-pool does; JAX's reduce-max rule would split it equally). The forward keeps which corner
   that is (int8), so the backward is one elementwise pass, where JAX's reduce-max rule (match,
-  count, divide) and reduce_window's select-and-scatter are several. On the 2-core CPU a small-CNN
-  FedBiF training step took 21-24 ms with this rule and 28 ms with the reduce-max one (timed
-  while writing this, not by a repo benchmark; benchmarks/throughput.py times whole rounds).
+  count, divide) and reduce_window's select-and-scatter are several. In a whole training step
+  the difference is within run-to-run noise (benchmarks/compile_options.py, small-CNN FedBiF
+  step on the 2-core CPU: 21.7 vs 23.6 ms with a plain reshape-max in one run, 19.9 vs 20.0 ms
+  in another).
 
   With this rule ``max_pool_2x2(relu(x))`` and ``relu(max_pool_2x2(x))`` have the same values and
   the same gradient, ties included (ReLU is monotone and its gradient at 0 is 0); the models pool
@@ -106,10 +107,10 @@ def _max_pool_even(x: jax.Array) -> jax.Array:
 
 def _max_pool_forward(x):
   corners = _corners(x)
-  # A reduce_window, not the max of the corners: XLA's CPU backend would fuse that elementwise
-  # max into the pooled tensor's consumers and recompute it there from the 4x larger input (in
-  # the small CNN: inside the transpose feeding the next convolution's weight gradient, 7.4 ms
-  # of a 21 ms step in an XLA profile; 0.8 ms with the reduce_window).
+  # A reduce_window, not the max of the corners: XLA's CPU backend fuses an elementwise max into
+  # the pooled tensor's consumers and recomputes it there from the 4x larger input (seen in an
+  # XLA profile of the small CNN's step: inside the transpose that feeds the next convolution's
+  # weight gradient); it does not fuse a reduce_window.
   pooled = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
   first = jnp.full(pooled.shape, 3, jnp.int8)      # which corner holds the first maximum
   for k in (2, 1, 0):
