@@ -1,31 +1,56 @@
-"""The paper's study at CPU scale: the run grids, and a resumable runner over them.
+"""The fair study of the paper's claim at CPU scale: tuning on a validation split, then Table 1,
+the ablations and a link to the BatchNorm-free CNN, as a resumable runner.
 
-Three grids, each a list of named runs (config overrides of one study config):
+The study config (`study_config`): real CIFAR-10 from an .npz file (``--data_path``), the small
+CNN with BatchNorm (``cnn_bn``), a seeded subset of 6,000 training images of which 1,000 are held
+out as the validation split (``data.validation``: no client ever trains on them) and 5,000 go to
+10 clients (500 each on IID), 2 local epochs of batch 64 (16 local steps per round on IID), plain
+SGD, 100 rounds, evaluation every 5 rounds (and the last) on the validation split and all 10,000
+test images, a Lipschitz bound and last-layer histogram every 10 rounds, checkpoints every 10.
 
-* ``table1``: {FedAvg, SignSGD, FedPAQ, FedDQ, DAdaQuant, FedBiF-1/4} x {IID, Dirichlet 0.5,
-  Dirichlet 0.1} x 3 seeds (Table 1);
-* ``ablations`` on Dirichlet 0.5 x 3 seeds: FedBiF-1/8, 2/4, 2/8 (Fig. 3; FedBiF-1/4 is
-  table1's run) and FedBiF-1/4 with a sign bit, without VBI, with the fixed (third bit) and the
-  random selector (Fig. 4);
-* ``long``: one run per method, IID, seed 0, ten times table1's rounds (does FedBiF catch up?).
+Grids, in the order the pipeline runs them (the decisive comparisons first):
 
-The study config (`study_config`): CIFAR-10 from an .npz file (``--data_path``), the small CNN,
-10 clients on a seeded subset of 1,600 training images (160 a client on average), 1 local epoch
-of batch 32, plain SGD lr 0.05, 10 rounds (100 for ``long``), evaluation on a seeded subset of
-1,000 test images, Lipschitz bound and last-layer histogram every 3 rounds. On the 2-core CPU a
-run takes 40-60 s (a long run 4-5 min), the three grids together about 100 minutes. ``--smoke``
-swaps in the built-in digits, 2 rounds (6 for ``long``) and a shrunken grid, so CI can run the
-whole path in a minute.
+* ``tune`` - FedAvg over lr, FedBiF-1/4 over lr x ``bit_lr_scale`` x (bit order, per-bit step
+  rule): IID, seed 0, `TUNE_ROUNDS` rounds, evaluated on the validation split only (the test set
+  is never read: ``eval_test=False``).
+* ``table1`` - FedAvg vs FedBiF-1/4 at their tuned values, IID / Dir(0.5) / Dir(0.1) x 3 seeds,
+  seed-major. FedAvg weights clients by data share p_k (Sec. 2.1, the same as uniform on IID);
+  FedBiF runs with the paper's uniform Eq. 6 and, on Dirichlet splits, also with p_k
+  (``fedbif-pk``).
+* ``tune_baselines`` - each baseline at FedAvg's tuned lr (they are FedAvg with compressed
+  updates) over its own knob as the paper describes: FedPAQ's bits and FedDQ's resolution (the
+  coarsest setting whose validation score is within `KEEP_ACCURACY` of FedAvg's), SignSGD's
+  server step (the best). DAdaQuant is not tuned: phi = rounds / 10 as its paper suggests.
+* ``baselines`` - the four baselines at their tuned values: IID and Dir(0.5) x seeds 0, 1 first,
+  then Dir(0.1), then seed 2.
+* ``ablations`` - Dir(0.5) x 3 seeds at FedBiF's tuned values: FedBiF-1/8, 2/4, 2/8 (Fig. 3;
+  100 rounds = 12.5 passes over 8 bits at s = 1) and with a sign bit, without VBI, with the fixed
+  (third bit) and the random selector (Fig. 4).
+* ``bridge`` - the BatchNorm-free ``cnn`` on IID, seed 0, FedAvg and FedBiF at their tuned
+  values: the link to the earlier, BatchNorm-free study.
+
+Tuning: a candidate's score is its mean validation accuracy over its last `SCORE_EVALS`
+evaluations. `choose` writes the chosen values of every method whose candidates have all
+finished to ``experiments/tuned.json`` (committed; ``--tuned`` names another file); the table
+runs read their overrides from it, so a run whose method is not tuned yet is skipped as
+"blocked". Changing tuned.json changes those runs' configs, which the runner then refuses to mix
+with an existing run directory.
 
 Every run goes through `fedbif_jax.train.train_and_evaluate` in its own directory
-``<root>/<grid>/<run>``. A run with a complete ``summary.json`` is skipped, a half-finished one
-resumes from its checkpoint, so a killed grid is restarted with the same command. A run whose
-stored ``config.json`` differs from the config it would get now is refused (use a fresh
-``--root``). A diverged run is recorded in ``<run>/failed.json`` and the grid goes on.
+``<root>/<grid>/<run>`` (``config.json``, ``metrics.jsonl``, ``histograms.jsonl``,
+``summary.json``; checkpoints are git-ignored). A run with a ``summary.json`` is skipped, a
+half-finished one resumes from its checkpoint, so a killed pipeline is restarted with the same
+command, on this machine or on another with the committed results. A run whose stored
+``config.json`` differs from the config it would get now is refused. A diverged run is recorded
+in ``<run>/failed.json`` (a failed candidate is never chosen) and the pipeline goes on.
 
-  python experiments/grid.py --root=/tmp/study --data_path=../shared/data/cifar10.npz
-  python experiments/grid.py --root=/tmp/study --grids=long --data_path=...
-  python experiments/report.py --root=/tmp/study        # writes docs/RESULTS.md + figures
+  python experiments/grid.py --root=experiments/results --data_path=../shared/data/cifar10.npz
+  python experiments/grid.py --root=experiments/results --list        # status of every run
+  python experiments/grid.py --root=experiments/results --choose      # only (re)write tuned.json
+  python experiments/report.py --root=experiments/results             # docs/RESULTS.md + figures
+
+``--smoke`` swaps in the built-in digits, 2 rounds and shrunken grids, so CI runs the whole
+path in about a minute.
 """
 from __future__ import annotations
 
@@ -36,19 +61,42 @@ import os
 import re
 import sys
 import time
+from typing import Optional
 
 from absl import app
 from absl import flags
 import ml_collections
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fedbif_jax.config import base_config, set_fields  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_TUNED = os.path.join(HERE, "tuned.json")
+
 METHODS = ("fedavg", "signsgd", "fedpaq", "feddq", "dadaquant", "fedbif")
+BASELINES = ("signsgd", "fedpaq", "feddq", "dadaquant")
 PARTITIONS = {"iid": ("iid", 0.5), "dir0.5": ("dirichlet", 0.5), "dir0.1": ("dirichlet", 0.1)}
 SEEDS = (0, 1, 2)
-# name -> overrides of the FedBiF-1/4 study config (Fig. 3 and Fig. 4 of the paper).
+STUDY_ROUNDS = 100
+TUNE_ROUNDS = 30
+SCORE_EVALS = 3          # a candidate's score: mean validation accuracy of its last 3 evaluations
+KEEP_ACCURACY = 0.01     # FedPAQ / FedDQ: coarsest setting within 1 point of FedAvg's score
+
+# Tuning spaces: method -> candidate name -> overrides (FedAvg's tuned lr is added to the
+# baselines' candidates at run time).
+FEDAVG_LRS = (0.02, 0.05, 0.1, 0.2, 0.4)
+FEDBIF_LRS = (0.05, 0.2)
+FEDBIF_BIT_LR_SCALES = (1.0, 4.0, 16.0)
+# (per-bit step rule, bit order): the paper's MSB-first with one step for all bits, LSB-first,
+# and MSB-first with bit i's step scaled by 2^-i.
+FEDBIF_RULES = (("uniform", "msb_first"), ("uniform", "lsb_first"), ("inverse_pow2", "msb_first"))
+FEDPAQ_BITS = (2, 4, 8)                     # coarsest first
+FEDDQ_RESOLUTIONS = (0.02, 0.005, 0.001)    # coarsest first
+SIGNSGD_SERVER_LRS = (0.0003, 0.001, 0.003, 0.01)
+
+# name -> overrides of the tuned FedBiF-1/4 (Fig. 3 and Fig. 4 of the paper).
 ABLATIONS = {
     "fedbif-1-8": {"fedbif.bits": 8},
     "fedbif-2-4": {"fedbif.active_bits": 2},
@@ -58,9 +106,8 @@ ABLATIONS = {
     "fixed_selector": {"fedbif.selector": "fixed"},
     "random_selector": {"fedbif.selector": "random"},
 }
-GRIDS = ("table1", "ablations", "long")
-LONG_ROUNDS_FACTOR = 10
-LONG_ORDER = ("fedbif", "fedavg", "signsgd", "fedpaq", "feddq", "dadaquant")
+GRIDS = ("tune", "table1", "tune_baselines", "baselines", "ablations", "bridge")
+TUNE_GRIDS = ("tune", "tune_baselines")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,95 +115,264 @@ class Run:
   grid: str
   name: str
   overrides: dict
+  method: str = ""           # whose tuned values the run needs ("" : none)
+
+
+def _fmt(x) -> str:
+  return f"{x:g}"
 
 
 def study_config(data_path: str, smoke: bool = False) -> ml_collections.ConfigDict:
   """The one config every run of the study starts from (unlocked; runs override fields)."""
   c = base_config()
   c.algorithm = "fedbif"
-  c.model.name = "cnn"
+  c.model.name = "cnn_bn"
   c.num_clients = 10
-  c.local_epochs = 1
-  c.batch_size = 32
+  c.local_epochs = 2
+  c.batch_size = 64
   c.lr = 0.05
-  c.rounds = 10
-  c.checkpoint_every = 5
-  c.lipschitz_every = 3
+  c.rounds = STUDY_ROUNDS
+  c.eval_every = 5
+  c.checkpoint_every = 10
+  c.lipschitz_every = 10
   c.lipschitz_iterations = 30
+  c.aggregation_weights = "data_size"
   c.data.source = "npz"
   c.data.name = "cifar10"
   c.data.path = data_path
-  c.data.train_subset = 1600
-  c.data.test_subset = 1000
+  c.data.train_subset = 6000
+  c.data.validation = 1000
+  c.dadaquant.phi = STUDY_ROUNDS // 10   # DAdaQuant's paper: phi = rounds / 10
   if smoke:
     c.data.source = "builtin"
     c.data.name = "digits"
     c.data.path = ""
-    c.data.train_subset = 400
+    c.data.train_subset = 600
+    c.data.validation = 200
     c.data.test_subset = 200
     c.data.min_size = 5
     c.num_clients = 4
-    c.rounds = 2
-    c.checkpoint_every = 1
+    c.local_epochs = 1
+    c.rounds = 4
+    c.eval_every = 2
+    c.checkpoint_every = 2
     c.client_devices = 1  # mostly compilation, which each device does anew
-    c.lipschitz_every = 1
+    c.lipschitz_every = 2
     c.lipschitz_iterations = 5
     c.wire_check_every = 1
+    c.dadaquant.phi = 1
   return c
+
+
+def tune_candidates(method: str, smoke: bool = False) -> dict[str, dict]:
+  """Candidate name -> overrides, for one method's tuning (`TUNE_GRIDS`)."""
+  if method == "fedavg":
+    lrs = (0.05, 0.1) if smoke else FEDAVG_LRS
+    return {f"fedavg-lr{_fmt(lr)}": {"lr": lr} for lr in lrs}
+  if method == "fedbif":
+    lrs, scales, rules = ((0.1,), (1.0, 4.0), FEDBIF_RULES[:1]) if smoke else (
+        FEDBIF_LRS, FEDBIF_BIT_LR_SCALES, FEDBIF_RULES)
+    out = {}
+    for step, order in rules:  # a rule's whole lr x scale block before the next rule
+      for lr in lrs:
+        for scale in scales:
+          name = f"fedbif-lr{_fmt(lr)}-x{_fmt(scale)}-{step}-{order.split('_')[0]}"
+          out[name] = {"lr": lr, "fedbif.bit_lr_scale": scale, "fedbif.bit_step": step,
+                       "fedbif.order": order}
+    return out
+  if method == "fedpaq":
+    return {f"fedpaq-b{b}": {"fedpaq.bits": b} for b in (FEDPAQ_BITS[:2] if smoke else FEDPAQ_BITS)}
+  if method == "feddq":
+    res = FEDDQ_RESOLUTIONS[:1] if smoke else FEDDQ_RESOLUTIONS
+    return {f"feddq-r{_fmt(r)}": {"feddq.resolution": r} for r in res}
+  if method == "signsgd":
+    lrs = SIGNSGD_SERVER_LRS[2:3] if smoke else SIGNSGD_SERVER_LRS
+    return {f"signsgd-s{_fmt(s)}": {"signsgd.server_lr": s} for s in lrs}
+  if method == "dadaquant":
+    return {}
+  raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+def _tune_overrides(smoke: bool) -> dict:
+  return {"rounds": (4 if smoke else TUNE_ROUNDS), "eval_test": False, "lipschitz_every": 0,
+          "data.partition": "iid", "seed": 0}
 
 
 def grid_runs(grid: str, smoke: bool = False) -> list[Run]:
   """The runs of one grid, in the order they are run."""
-  methods, partitions, seeds = METHODS, list(PARTITIONS), SEEDS
-  ablations = list(ABLATIONS)
-  ablation_seeds = seeds
-  if smoke:
-    methods, partitions, seeds, ablation_seeds = ("fedavg", "fedbif"), ["dir0.5"], (0, 1), (0,)
-    ablations = ["no_vbi"]
+  seeds = (0, 1) if smoke else SEEDS
+  partitions = ["dir0.5"] if smoke else list(PARTITIONS)
   runs = []
-  if grid == "table1":
+
+  def table_run(grid_name, variant, method, partition, seed, extra=None):
+    kind, mu = PARTITIONS[partition]
+    runs.append(Run(grid_name, f"{variant}-{partition}-s{seed}",
+                    {"algorithm": method, "data.partition": kind, "data.mu": mu, "seed": seed,
+                     **(extra or {})}, method))
+
+  if grid in TUNE_GRIDS:
+    methods = ("fedavg", "fedbif") if grid == "tune" else BASELINES
+    for method in methods:
+      for name, overrides in tune_candidates(method, smoke).items():
+        runs.append(Run(grid, name, {"algorithm": method, **_tune_overrides(smoke), **overrides},
+                        "fedavg" if grid == "tune_baselines" else ""))
+  elif grid == "table1":
     for seed in seeds:  # seed-major: a half-finished grid already covers every cell
       for partition in partitions:
-        for method in methods:
-          kind, mu = PARTITIONS[partition]
-          runs.append(Run(grid, f"{method}-{partition}-s{seed}",
-                          {"algorithm": method, "data.partition": kind, "data.mu": mu,
-                           "seed": seed}))
+        table_run(grid, "fedavg", "fedavg", partition, seed)
+        table_run(grid, "fedbif", "fedbif", partition, seed, {"aggregation_weights": "uniform"})
+        if partition != "iid":
+          table_run(grid, "fedbif-pk", "fedbif", partition, seed)
+  elif grid == "baselines":
+    methods = ("fedpaq", "dadaquant") if smoke else BASELINES
+    first_seeds = seeds[:2]
+    order = [(s, p) for s in first_seeds for p in ("iid", "dir0.5")]
+    order += [(s, "dir0.1") for s in first_seeds]
+    order += [(s, p) for s in seeds[2:] for p in partitions]
+    if smoke:
+      order = [(0, "dir0.5")]
+    for seed, partition in order:
+      for method in methods:
+        table_run(grid, method, method, partition, seed)
   elif grid == "ablations":
-    for seed in ablation_seeds:
-      for name in ablations:
-        runs.append(Run(grid, f"{name}-dir0.5-s{seed}",
-                        {"algorithm": "fedbif", "data.partition": "dirichlet", "data.mu": 0.5,
-                         "seed": seed, **ABLATIONS[name]}))
-  elif grid == "long":
-    for method in (("fedavg", "fedbif") if smoke else LONG_ORDER):
-      runs.append(Run(grid, f"{method}-iid-s0",
-                      {"algorithm": method, "data.partition": "iid", "seed": 0,
-                       "rounds": (3 if smoke else LONG_ROUNDS_FACTOR) * study_config("", smoke).rounds,
-                       "checkpoint_every": 2 if smoke else 10}))
+    names = ["no_vbi"] if smoke else list(ABLATIONS)
+    for seed in seeds[:1] if smoke else seeds:
+      for name in names:
+        table_run(grid, name, "fedbif", "dir0.5", seed,
+                  {"aggregation_weights": "uniform", **ABLATIONS[name]})
+  elif grid == "bridge":
+    for method in ("fedavg", "fedbif"):
+      table_run(grid, f"{method}-cnn", method, "iid", 0, {"model.name": "cnn"})
   else:
     raise ValueError(f"grid: must be one of {', '.join(GRIDS)}, got {grid!r}")
   return runs
 
 
-def run_config(base: ml_collections.ConfigDict, run: Run) -> ml_collections.ConfigDict:
+# ------------------------------------------------------------------------------------- tuning
+def read_tuned(path: str) -> dict:
+  """The chosen values: {"methods": {method: {"overrides": {...}, ...}}, ...} (empty if none)."""
+  if not os.path.exists(path):
+    return {"methods": {}}
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_config(base: ml_collections.ConfigDict, run: Run,
+               tuned: Optional[dict] = None) -> ml_collections.ConfigDict:
+  """The run's config: the study config, then the tuned values of `run.method` (if it needs
+  them: KeyError when they are missing), then the run's own overrides."""
   config = ml_collections.ConfigDict(base.to_dict())
+  if run.method:
+    set_fields(config, (tuned or {"methods": {}})["methods"][run.method]["overrides"])
   set_fields(config, run.overrides)
   config.lock()
   return config
+
+
+def validation_score(rows: list[dict], evals: int = SCORE_EVALS) -> float:
+  """Mean validation accuracy of the last `evals` evaluated rounds of a run's metrics."""
+  accs = [r["validation_accuracy"] for r in rows if "validation_accuracy" in r]
+  if not accs:
+    raise ValueError("metrics: no validation_accuracy in any round (data.validation = 0?)")
+  return float(np.mean(accs[-evals:]))
+
+
+def choose(method: str, scores: dict[str, Optional[float]], candidates: dict[str, dict],
+           reference: Optional[float] = None) -> str:
+  """The chosen candidate name of `method` from its candidates' validation scores.
+
+  `scores` maps every candidate to its score (None: diverged; never chosen). FedPAQ and FedDQ
+  (listed coarsest first) take the coarsest candidate whose score is within `KEEP_ACCURACY` of
+  `reference` (FedAvg's chosen score), else the best; the others take the best score (ties: the
+  first listed).
+  """
+  valid = [n for n in candidates if scores.get(n) is not None]
+  if not valid:
+    raise ValueError(f"{method}: every candidate diverged")
+  if method in ("fedpaq", "feddq") and reference is not None:
+    keeping = [n for n in valid if scores[n] >= reference - KEEP_ACCURACY]
+    if keeping:
+      return keeping[0]
+  return max(valid, key=lambda n: (scores[n], -list(candidates).index(n)))
+
+
+def choose_all(root: str, smoke: bool = False) -> dict:
+  """Chooses every method whose tuning runs have all finished; returns the tuned.json content."""
+  methods = {}
+  for method in ("fedavg", "fedbif") + BASELINES:  # FedAvg first: the baselines use its lr
+    grid = "tune" if method in ("fedavg", "fedbif") else "tune_baselines"
+    candidates = tune_candidates(method, smoke)
+    if method in BASELINES and "fedavg" not in methods:
+      continue  # the baselines run at FedAvg's tuned lr
+    if not candidates:  # DAdaQuant: nothing to tune
+      methods[method] = {"overrides": {"lr": methods["fedavg"]["overrides"]["lr"]},
+                         "rule": "FedAvg's lr; phi = rounds / 10 (DAdaQuant's paper)"}
+      continue
+    scores = {}
+    for name in candidates:
+      d = os.path.join(root, grid, name)
+      if os.path.exists(os.path.join(d, "failed.json")):
+        scores[name] = None
+      elif os.path.exists(os.path.join(d, "summary.json")):
+        scores[name] = validation_score(read_jsonl(os.path.join(d, "metrics.jsonl")))
+      else:
+        break
+    else:
+      reference = methods.get("fedavg", {}).get("score")
+      best = choose(method, scores, candidates, reference)
+      overrides = dict(candidates[best])
+      if method in BASELINES:
+        overrides = {"lr": methods["fedavg"]["overrides"]["lr"], **overrides}
+      methods[method] = {"chosen": best, "overrides": overrides, "score": scores[best],
+                         "candidates": scores,
+                         "rule": ("coarsest within %g of FedAvg's score" % KEEP_ACCURACY
+                                  if method in ("fedpaq", "feddq") else "best score")}
+  return {"protocol": (f"IID, seed 0, {TUNE_ROUNDS if not smoke else 4} rounds; score = mean "
+                       f"validation accuracy of the last {SCORE_EVALS} evaluations; the test set "
+                       "is never read while tuning"),
+          "methods": methods}
+
+
+def write_tuned(path: str, tuned: dict) -> bool:
+  """Writes tuned.json (atomically) if its content changed; returns whether it did."""
+  if read_tuned(path) == tuned:
+    return False
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(tuned, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+  return True
+
+
+# ------------------------------------------------------------------------------------- runner
+def read_jsonl(path: str) -> list[dict]:
+  """The rows of a .jsonl file (a torn last line is dropped)."""
+  rows = []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          rows.append(json.loads(line))
+        except json.JSONDecodeError:
+          break
+  return rows
 
 
 def run_dir(root: str, run: Run) -> str:
   return os.path.join(root, run.grid, run.name)
 
 
-def run_status(root: str, run: Run) -> str:
-  """'done', 'failed', 'partial' (has metrics, no summary) or 'todo'."""
+def run_status(root: str, run: Run, tuned: Optional[dict] = None) -> str:
+  """'done', 'failed', 'partial' (has metrics, no summary), 'blocked' (its method is not tuned
+  yet) or 'todo'."""
   d = run_dir(root, run)
   if os.path.exists(os.path.join(d, "summary.json")):
     return "done"
   if os.path.exists(os.path.join(d, "failed.json")):
     return "failed"
+  if run.method and run.method not in (tuned or {"methods": {}})["methods"]:
+    return "blocked"
   if os.path.exists(os.path.join(d, "metrics.jsonl")):
     return "partial"
   return "todo"
@@ -169,6 +385,8 @@ def _check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   with open(path) as f:
     stored = json.load(f)
   now = json.loads(config.to_json_best_effort())
+  for c in (stored, now):  # the data file's location may differ between machines
+    c.get("data", {}).pop("path", None)
   if stored != now:
     changed = sorted(_diff(stored, now))
     raise SystemExit(f"error: {workdir} was made with another config (fields {', '.join(changed)});"
@@ -184,18 +402,19 @@ def _diff(a, b, prefix=""):
       yield prefix + k
 
 
-def run_grid(root: str, runs: list[Run], base: ml_collections.ConfigDict) -> dict[str, int]:
+def run_grid(root: str, runs: list[Run], base: ml_collections.ConfigDict,
+             tuned: Optional[dict] = None) -> dict[str, int]:
   """Runs every run not done yet (resuming partial ones); returns counts by outcome."""
   from fedbif_jax.train import TrainingDiverged, train_and_evaluate
   log = logging.getLogger("fedbif_jax")
-  counts = {"done": 0, "ran": 0, "failed": 0}
+  counts = {"done": 0, "ran": 0, "failed": 0, "blocked": 0}
   for i, run in enumerate(runs):
-    status = run_status(root, run)
-    if status in ("done", "failed"):
-      counts["done" if status == "done" else "failed"] += 1
+    status = run_status(root, run, tuned)
+    if status in ("done", "failed", "blocked"):
+      counts[status] += 1
       continue
     workdir = run_dir(root, run)
-    config = run_config(base, run)
+    config = run_config(base, run, tuned)
     _check_same_config(workdir, config)
     log.info("[%d/%d] %s/%s%s", i + 1, len(runs), run.grid, run.name,
              " (resuming)" if status == "partial" else "")
@@ -212,6 +431,22 @@ def run_grid(root: str, runs: list[Run], base: ml_collections.ConfigDict) -> dic
   return counts
 
 
+def run_pipeline(root: str, grids: list[str], base: ml_collections.ConfigDict, tuned_path: str,
+                 smoke: bool = False, only: str = "") -> dict[str, int]:
+  """Runs `grids` in the given order; before each, re-chooses the tuned values from the tuning
+  runs that have finished (tuned.json is rewritten when they change)."""
+  totals: dict[str, int] = {}
+  for grid in grids:
+    if write_tuned(tuned_path, choose_all(root, smoke)):
+      logging.getLogger("fedbif_jax").info("wrote %s", tuned_path)
+    tuned = read_tuned(tuned_path)
+    runs = [r for r in grid_runs(grid, smoke) if re.search(only, f"{r.grid}/{r.name}")]
+    for k, v in run_grid(root, runs, base, tuned).items():
+      totals[k] = totals.get(k, 0) + v
+  write_tuned(tuned_path, choose_all(root, smoke))
+  return totals
+
+
 FLAGS = flags.FLAGS
 
 
@@ -219,12 +454,16 @@ def define_flags() -> None:
   """The command line (defined only when run as a script, so that tests can import this module)."""
   flags.DEFINE_string("root", None, "Directory holding <grid>/<run>/ run directories.")
   flags.DEFINE_string("data_path", "../shared/data/cifar10.npz", "CIFAR-10 .npz file.")
-  flags.DEFINE_list("grids", list(GRIDS), f"Grids to run, from {', '.join(GRIDS)}.")
+  flags.DEFINE_list("grids", list(GRIDS), f"Grids to run, in order, from {', '.join(GRIDS)}.")
   flags.DEFINE_string("only", "", "Regex: run only runs whose '<grid>/<name>' matches.")
-  flags.DEFINE_bool("smoke", False, "Built-in digits, 2 rounds, a shrunken grid (CI).")
+  flags.DEFINE_string("tuned", DEFAULT_TUNED, "The tuned values file (written from the tuning "
+                      "runs, read by the table runs).")
+  flags.DEFINE_bool("smoke", False, "Built-in digits, 4 rounds, shrunken grids (CI).")
   flags.DEFINE_bool("list", False, "Print the runs and their status, run nothing.")
+  flags.DEFINE_bool("choose", False, "Only (re)write the tuned values file, run nothing.")
   flags.DEFINE_string("compilation_cache", "", "JAX persistent compilation cache directory "
                       "(default <root>/.jax_cache): runs of one grid share their compiled programs.")
+
 
 def main(argv):
   del argv
@@ -234,24 +473,31 @@ def main(argv):
   if bad:
     print(f"error: --grids: must be from {', '.join(GRIDS)}, got {', '.join(bad)}", file=sys.stderr)
     sys.exit(2)
+  if FLAGS.choose:
+    changed = write_tuned(FLAGS.tuned, choose_all(FLAGS.root, FLAGS.smoke))
+    print(f"{FLAGS.tuned}: {'written' if changed else 'unchanged'}")
+    return
+  if FLAGS.list:
+    tuned = choose_all(FLAGS.root, FLAGS.smoke)
+    for g in FLAGS.grids:
+      for r in grid_runs(g, FLAGS.smoke):
+        if re.search(FLAGS.only, f"{r.grid}/{r.name}"):
+          print(f"{run_status(FLAGS.root, r, tuned):8s} {r.grid}/{r.name}")
+    return
   if not FLAGS.smoke and not os.path.isfile(FLAGS.data_path):
     print(f"error: --data_path: no such .npz file: {FLAGS.data_path}", file=sys.stderr)
     sys.exit(2)
-  runs = [r for g in FLAGS.grids for r in grid_runs(g, FLAGS.smoke)
-          if re.search(FLAGS.only, f"{r.grid}/{r.name}")]
-  if FLAGS.list:
-    for r in runs:
-      print(f"{run_status(FLAGS.root, r):8s} {r.grid}/{r.name}")
-    return
+  base = study_config(os.path.abspath(FLAGS.data_path), FLAGS.smoke)
+  from fedbif_jax import parallel
+  parallel.split_cpu(base.cpu_devices)  # as launch.py: one host device per core
   import jax
   jax.config.update("jax_compilation_cache_dir",
                     FLAGS.compilation_cache or os.path.join(FLAGS.root, ".jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   from launch import configure_logging
   configure_logging()
-  base = study_config(os.path.abspath(FLAGS.data_path), FLAGS.smoke)
-  counts = run_grid(FLAGS.root, runs, base)
-  print(json.dumps({"runs": len(runs), **counts}))
+  counts = run_pipeline(FLAGS.root, FLAGS.grids, base, FLAGS.tuned, FLAGS.smoke, FLAGS.only)
+  print(json.dumps(counts))
 
 
 if __name__ == "__main__":

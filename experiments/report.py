@@ -1,18 +1,22 @@
 """docs/RESULTS.md and its figures, generated from the run directories of experiments/grid.py.
 
 Reads ``<root>/<grid>/<run>/{config.json, metrics.jsonl, summary.json, histograms.jsonl,
-failed.json}`` and writes:
+failed.json}`` and the tuned values file, and writes:
 
-* a Table-1-style table (final test accuracy mean +- std over seeds, uplink/downlink bpp over the
-  compressed weights, total MB sent), one column per partition;
-* convergence figures against round and against MB sent, the long runs, the ablations (Fig. 3
-  and Fig. 4), FedBiF's sparsity (Sec. 4.4), the Lipschitz bound of FedBiF vs FedAvg (Fig. 6) and
-  last-layer weight histograms over rounds (Fig. 5), as PNG beside the report;
-* a claim-by-claim comparison with the paper, with the numbers that decide each claim.
+* the tuning: every candidate's validation score and the chosen values, with the validation
+  curves of the sweep (a figure);
+* Table 1, one table per partition: best and final test accuracy (mean ± sample std over
+  seeds), bpp up and down over the compressed weights, total MB, and the rounds and MB to reach
+  the target accuracy (`TARGET_FRACTION` of FedAvg's mean best accuracy on that partition);
+  convergence figures against round and against MB;
+* sparsity and the Lipschitz bound next to the untrained model's values (Sec. 4.4, Fig. 5, 6);
+* the ablations (Fig. 3 and Fig. 4) and the BatchNorm-free link runs;
+* the paper's claims re-judged one by one with the numbers that decide them, and which cells
+  have fewer seeds than planned.
 
 Nothing in the report is typed by hand: rerunning this script on the same runs rewrites it.
 
-  python experiments/report.py --root=/tmp/study [--out=docs/RESULTS.md]
+  python experiments/report.py --root=experiments/results [--out=docs/RESULTS.md]
 """
 from __future__ import annotations
 
@@ -30,82 +34,109 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.grid import ABLATIONS, METHODS, PARTITIONS  # noqa: E402
+from experiments.grid import (ABLATIONS, BASELINES, DEFAULT_TUNED, PARTITIONS,  # noqa: E402
+                              grid_runs, read_jsonl, read_tuned, tune_candidates)
 
 LABELS = {"fedavg": "FedAvg", "signsgd": "SignSGD", "fedpaq": "FedPAQ", "feddq": "FedDQ",
-          "dadaquant": "DAdaQuant", "fedbif": "FedBiF-1/4", "fedbif-1-8": "FedBiF-1/8",
+          "dadaquant": "DAdaQuant", "fedbif": "FedBiF-1/4 (uniform Eq. 6)",
+          "fedbif-pk": "FedBiF-1/4 (p_k)", "fedbif-1-8": "FedBiF-1/8",
           "fedbif-2-4": "FedBiF-2/4", "fedbif-2-8": "FedBiF-2/8", "sign_bit": "with sign bit",
           "no_vbi": "without VBI", "fixed_selector": "fixed selector (3rd bit)",
-          "random_selector": "random selector"}
+          "random_selector": "random selector", "fedavg-cnn": "FedAvg, BN-free CNN",
+          "fedbif-cnn": "FedBiF-1/4, BN-free CNN"}
+TABLE_VARIANTS = ("fedavg",) + BASELINES + ("fedbif", "fedbif-pk")
 PARTITION_LABELS = {"iid": "IID", "dir0.5": "Dir(0.5)", "dir0.1": "Dir(0.1)"}
 RUN_NAME = re.compile(r"^(?P<variant>.+)-(?P<partition>iid|dir0\.5|dir0\.1)-s(?P<seed>\d+)$")
+TARGET_FRACTION = 0.9
+TABLE_GRIDS = ("table1", "baselines")
 
 
 # ----------------------------------------------------------------------------------- loading
-def _read_jsonl(path: str) -> list[dict]:
-  rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          break
-  return rows
+def _load_run(d: str, name: str) -> dict | None:
+  run = {"name": name, "dir": d, "metrics": read_jsonl(os.path.join(d, "metrics.jsonl")),
+         "histograms": read_jsonl(os.path.join(d, "histograms.jsonl"))}
+  for key in ("summary", "config", "failed"):
+    path = os.path.join(d, f"{key}.json")
+    run[key] = json.load(open(path)) if os.path.exists(path) else None
+  return run if (run["summary"] or run["failed"]) else None  # unfinished: left out
 
 
 def load_runs(root: str) -> dict:
-  """{grid: {(variant, partition): [run, ...]}}, a run being a dict of its files' contents."""
+  """{grid: {(variant, partition): [run, ...]}} for the table-shaped grids, and
+  {"tune": {name: run}} for the tuning grids; a run is a dict of its files' contents."""
   runs = defaultdict(lambda: defaultdict(list))
   for grid in sorted(os.listdir(root)) if os.path.isdir(root) else []:
     gdir = os.path.join(root, grid)
     if grid.startswith(".") or not os.path.isdir(gdir):
       continue
     for name in sorted(os.listdir(gdir)):
-      m = RUN_NAME.match(name)
       d = os.path.join(gdir, name)
-      if not m or not os.path.isdir(d):
+      if not os.path.isdir(d):
         continue
-      run = {"name": name, "seed": int(m["seed"]), "dir": d,
-             "metrics": _read_jsonl(os.path.join(d, "metrics.jsonl")),
-             "histograms": _read_jsonl(os.path.join(d, "histograms.jsonl"))}
-      for key in ("summary", "config", "failed"):
-        path = os.path.join(d, f"{key}.json")
-        run[key] = json.load(open(path)) if os.path.exists(path) else None
-      if run["summary"] is None and run["failed"] is None:
-        continue  # unfinished: left out of the report
-      runs[grid][(m["variant"], m["partition"])].append(run)
+      run = _load_run(d, name)
+      if run is None:
+        continue
+      if grid.startswith("tune"):
+        runs["tune"][name] = run
+        continue
+      m = RUN_NAME.match(name)
+      if m:
+        run["seed"] = int(m["seed"])
+        runs[grid][(m["variant"], m["partition"])].append(run)
   return runs
 
 
+def _evaluated(run: dict, key: str) -> list[dict]:
+  return [r for r in run["metrics"] if key in r]
+
+
 def _curve(runs: list[dict], key: str):
-  """Rounds and the per-round mean over the (finished) runs that log `key` in every row."""
-  series = [[r[key] for r in run["metrics"] if key in r] for run in runs if run["summary"]]
+  """Rounds and the per-round mean over the finished runs, at the rounds that log `key`."""
+  series = [_evaluated(run, key) for run in runs if run["summary"]]
   series = [s for s in series if s]
   if not series:
     return None, None
   n = min(len(s) for s in series)
-  rounds = [r["round"] for r in next(run for run in runs if run["summary"])["metrics"]
-            if key in r][:n]
-  return np.asarray(rounds), np.mean([s[:n] for s in series], axis=0)
+  rounds = np.asarray([r["round"] for r in series[0][:n]])
+  return rounds, np.mean([[r[key] for r in s[:n]] for s in series], axis=0)
 
 
-def _stat(runs: list[dict], key: str):
-  vals = [run["summary"][key] for run in runs if run["summary"]]
-  return ((float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals))
-          if vals else (None, None, 0))
+def _stat(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None, 0
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+  return float(np.mean(values)), std, len(values)
 
 
-def _final_lipschitz(run: dict):
-  vals = [r["lipschitz"] for r in run["metrics"] if "lipschitz" in r]
-  return vals[-1] if vals else None
+def _summary_stat(runs, key):
+  return _stat([run["summary"].get(key) for run in runs if run["summary"]])
 
 
-def _fmt_acc(mean, std, n, failed=0):
+def _pct(mean, std=None, n=1, failed=0) -> str:
   if mean is None:
     return "diverged" if failed else "-"
   note = f" ({failed} diverged)" if failed else ""
-  return f"{100 * mean:.1f} ± {100 * std:.1f}{note}" if n > 1 else f"{100 * mean:.1f}{note}"
+  return (f"{100 * mean:.1f} ± {100 * std:.1f}{note}" if n > 1 else f"{100 * mean:.1f}{note}")
+
+
+def reach(run: dict, target: float):
+  """(round, MB) at which the run's test accuracy first reaches `target` (1-based round), or
+  None when it never does."""
+  for r in _evaluated(run, "test_accuracy"):
+    if r["test_accuracy"] >= target:
+      return r["round"] + 1, r["cumulative_bytes"] / 1e6
+  return None
+
+
+def _first(run: dict, key: str):
+  rows = _evaluated(run, key)
+  return rows[0][key] if rows else None
+
+
+def _last(run: dict, key: str):
+  rows = _evaluated(run, key)
+  return rows[-1][key] if rows else None
 
 
 def _machine() -> str:
@@ -126,23 +157,48 @@ def _plt():
   return plt
 
 
-def figure_convergence(table, partitions, methods, path):
+def figure_tuning(tune: dict, smoke: bool, path: str) -> None:
+  """Validation accuracy against round of every tuning candidate, one panel per method."""
+  plt = _plt()
+  methods = [m for m in ("fedavg", "fedbif") + BASELINES
+             if any(n in tune for n in tune_candidates(m, smoke))]
+  cols = min(3, max(len(methods), 1))
+  rows = -(-max(len(methods), 1) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+  for ax in axes.ravel()[len(methods):]:
+    ax.axis("off")
+  for ax, method in zip(axes.ravel(), methods):
+    for name in tune_candidates(method, smoke):
+      run = tune.get(name)
+      rows = _evaluated(run, "validation_accuracy") if run else []
+      if rows:
+        ax.plot([r["round"] + 1 for r in rows], [r["validation_accuracy"] for r in rows],
+                label=name.split("-", 1)[1], lw=1)
+    ax.set(title=LABELS.get(method, method).split(" (")[0], xlabel="round",
+           ylabel="validation accuracy")
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def figure_convergence(table, partitions, variants, path):
   plt = _plt()
   fig, axes = plt.subplots(2, len(partitions), figsize=(5 * len(partitions), 8), squeeze=False)
   for j, p in enumerate(partitions):
-    for m in methods:
-      runs = table.get((m, p), [])
+    for v in variants:
+      runs = table.get((v, p), [])
       rounds, acc = _curve(runs, "test_accuracy")
       if rounds is None:
         continue
-      _, mb = _curve(runs, "cumulative_bytes")
-      axes[0, j].plot(rounds + 1, acc, label=LABELS.get(m, m))
-      axes[1, j].plot(mb / 1e6, acc, label=LABELS.get(m, m))
+      # cumulative_bytes is logged every round; take it at the evaluated rounds.
+      mb_at = dict(zip(*(x.tolist() for x in _curve(runs, "cumulative_bytes"))))
+      axes[0, j].plot(rounds + 1, acc, label=LABELS.get(v, v))
+      axes[1, j].plot([mb_at[int(r)] / 1e6 for r in rounds], acc, label=LABELS.get(v, v))
     axes[0, j].set(title=PARTITION_LABELS[p], xlabel="round", ylabel="test accuracy")
     axes[1, j].set(xlabel="MB sent (up + down, cumulative)", ylabel="test accuracy", xscale="log")
-    axes[1, j].xaxis.set_minor_formatter(plt.NullFormatter())
   if axes[0, 0].get_legend_handles_labels()[0]:
-    axes[0, 0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
@@ -160,7 +216,7 @@ def figure_curves(groups: list[tuple[str, list[dict]]], key: str, ylabel: str, t
   if logy:
     ax.set_yscale("log")
   if ax.get_legend_handles_labels()[0]:
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
@@ -184,253 +240,372 @@ def figure_histograms(runs: list[tuple[str, dict]], path):
   plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------- report
-def _mean_final(runs, key="final_accuracy"):
-  return _stat(runs, key)[0]
+# ----------------------------------------------------------------------------------- sections
+def _fmt_overrides(overrides: dict) -> str:
+  return ", ".join(f"`{k}={v}`" for k, v in sorted(overrides.items()))
+
+
+def tuning_section(tune: dict, tuned: dict, smoke: bool, rel, fig_dir) -> list[str]:
+  methods = tuned.get("methods", {})
+  lines = ["## Tuning (validation split only)", "",
+           f"Protocol: {tuned.get('protocol', '-')}. FedPAQ and FedDQ take the coarsest setting "
+           "whose score stays within 1 point of FedAvg's (\"the highest compression without "
+           "sacrificing accuracy\", Sec. 4.1); the others the best score. Chosen values "
+           "(`experiments/tuned.json`, read by every table run):", "",
+           "| method | chosen | validation score (%) |", "|---|---|---|"]
+  for method in ("fedavg", "fedbif") + BASELINES:
+    if method in methods:
+      m = methods[method]
+      score = f"{100 * m['score']:.1f}" if "score" in m else "- (not tuned: " + m["rule"] + ")"
+      lines.append(f"| {LABELS[method].split(' (')[0]} | {_fmt_overrides(m['overrides'])} | "
+                   f"{score} |")
+    else:
+      lines.append(f"| {LABELS[method].split(' (')[0]} | not chosen yet | - |")
+  lines += ["", "Every candidate (score = mean validation accuracy of the last evaluations; "
+            "**bold** = chosen):", "", "| candidate | score (%) | best validation (%) |",
+            "|---|---|---|"]
+  chosen = {m.get("chosen") for m in methods.values()}
+  for method in ("fedavg", "fedbif") + BASELINES:
+    for name in tune_candidates(method, smoke):
+      run = tune.get(name)
+      if run is None:
+        lines.append(f"| {name} | (not run yet) | - |")
+        continue
+      score = methods.get(method, {}).get("candidates", {}).get(name)
+      if run["failed"]:
+        cell, best = "diverged", "-"
+      else:
+        accs = [r["validation_accuracy"] for r in _evaluated(run, "validation_accuracy")]
+        cell = f"{100 * score:.1f}" if score is not None else "-"
+        best = f"{100 * max(accs):.1f}" if accs else "-"
+      bold = "**" if name in chosen else ""
+      lines.append(f"| {bold}{name}{bold} | {cell} | {best} |")
+  if tune:
+    figure_tuning(tune, smoke, os.path.join(fig_dir, "tuning.png"))
+    lines += ["", f"![tuning]({rel('tuning.png')})", ""]
+  return lines + [""]
+
+
+def table_section(table: dict, partitions: list[str], rel, fig_dir) -> tuple[list[str], dict]:
+  """Table 1 per partition; returns the lines and {partition: target}."""
+  lines = ["## Table 1", "",
+           "Test accuracy (%) mean ± sample std over seeds: **best** over the evaluated rounds "
+           "(the paper's convention) and **final**. bpp over the compressed weights (mean of "
+           "rounds and runs); MB: every byte sent up and down as `wire.py` encodes it (mean of "
+           f"runs). Target: {100 * TARGET_FRACTION:.0f}% of FedAvg's mean best accuracy on the "
+           "partition; rounds and MB to reach it are means over the seeds that reached it.", ""]
+  targets = {}
+  for p in partitions:
+    fedavg_best = _summary_stat(table.get(("fedavg", p), []), "best_accuracy")[0]
+    target = TARGET_FRACTION * fedavg_best if fedavg_best is not None else None
+    targets[p] = target
+    lines += [f"### {PARTITION_LABELS[p]}" + (f" (target {100 * target:.1f}%)" if target else ""),
+              "", "| method | seeds | best acc | final acc | up bpp | down bpp | total MB | "
+              "rounds to target | MB to target |", "|---|---|---|---|---|---|---|---|---|"]
+    for v in TABLE_VARIANTS:
+      runs = table.get((v, p), [])
+      if not runs:
+        continue
+      failed = sum(bool(r["failed"]) for r in runs)
+      done = [r for r in runs if r["summary"]]
+      best = _pct(*_summary_stat(done, "best_accuracy"), failed)
+      final = _pct(*_summary_stat(done, "final_accuracy"), failed)
+      up, down = _summary_stat(done, "mean_uplink_bpp")[0], _summary_stat(done, "mean_downlink_bpp")[0]
+      mb = _summary_stat(done, "total_bytes")[0]
+      reached = [reach(r, target) for r in done] if target else []
+      hits = [x for x in reached if x]
+      to_round = (f"{np.mean([h[0] for h in hits]):.0f} ({len(hits)}/{len(done)})" if hits
+                  else ("never" if reached else "-"))
+      to_mb = f"{np.mean([h[1] for h in hits]):.1f}" if hits else "-"
+      bpp = f"{up:.3f} | {down:.3f} | {mb / 1e6:.1f}" if up is not None else "- | - | -"
+      lines.append(f"| {LABELS[v]} | {len(runs)} | {best} | {final} | {bpp} | {to_round} | "
+                   f"{to_mb} |")
+    lines.append("")
+  variants = [v for v in TABLE_VARIANTS if any(k[0] == v for k in table)]
+  figure_convergence(table, partitions, variants, os.path.join(fig_dir, "convergence.png"))
+  lines += [f"![convergence]({rel('convergence.png')})", "",
+            "Top: test accuracy against round; bottom: against MB sent (log scale). Mean of "
+            "seeds.", ""]
+  return lines, targets
+
+
+def properties_section(table, abl, partitions, rel, fig_dir) -> list[str]:
+  lines = ["## Sparsity and Lipschitz bound next to the untrained model (Sec. 4.4)", "",
+           "Untrained sparsity: zero integers in round 1's broadcast, i.e. the untrained model "
+           "quantized to m bits. Untrained Lipschitz bound: AutoLip of the initial (float) "
+           "global model. Final: the last round. Means over seeds.", "",
+           "| method | partition | sparsity untrained → final (%) | Lipschitz untrained → final |",
+           "|---|---|---|---|"]
+  for v in ("fedavg", "fedbif", "fedbif-pk"):
+    for p in partitions:
+      done = [r for r in table.get((v, p), []) if r["summary"]]
+      if not done:
+        continue
+      s0, s1 = _stat([_first(r, "sparsity") for r in done])[0], _stat(
+          [_last(r, "sparsity") for r in done])[0]
+      l0, l1 = _stat([_first(r, "lipschitz_untrained") for r in done])[0], _stat(
+          [_last(r, "lipschitz") for r in done])[0]
+      lip = f"{l0:.3g} → {l1:.3g}" if l0 is not None and l1 is not None else "-"
+      lines.append(f"| {LABELS[v]} | {PARTITION_LABELS[p]} | {100 * s0:.1f} → {100 * s1:.1f} | "
+                   f"{lip} |")
+  fb_groups = [(PARTITION_LABELS[p], table.get(("fedbif", p), [])) for p in partitions]
+  figure_curves(fb_groups, "sparsity", "fraction of zero integers", "FedBiF-1/4 sparsity",
+                os.path.join(fig_dir, "sparsity.png"))
+  lip_groups = [(f"{LABELS[v].split(' (')[0]} {PARTITION_LABELS[p]}", table.get((v, p), []))
+                for v in ("fedavg", "fedbif") for p in partitions]
+  figure_curves(lip_groups, "lipschitz", "Lipschitz upper bound (AutoLip)",
+                "Lipschitz bound of the global model (Fig. 6)",
+                os.path.join(fig_dir, "lipschitz.png"), logy=True)
+  lines += ["", f"![sparsity]({rel('sparsity.png')}) ![lipschitz]({rel('lipschitz.png')})", ""]
+  hist_runs = []
+  for label, grid, key in (("FedAvg", table, ("fedavg", "dir0.5")),
+                           ("FedBiF-1/4", table, ("fedbif", "dir0.5")),
+                           ("FedBiF with sign bit", abl, ("sign_bit", "dir0.5"))):
+    rs = [r for r in grid.get(key, []) if r["histograms"]]
+    if rs:
+      hist_runs.append((label + f", seed {rs[0]['seed']}", rs[0]))
+  if hist_runs:
+    figure_histograms(hist_runs, os.path.join(fig_dir, "histograms.png"))
+    lines += ["Last-layer weight distribution over rounds (Fig. 5), Dir(0.5):", "",
+              f"![histograms]({rel('histograms.png')})", ""]
+  return lines
+
+
+def ablation_section(table, abl, rel, fig_dir) -> list[str]:
+  lines = ["## Ablations on Dir(0.5) (Fig. 3, Fig. 4)", "",
+           "| variant | seeds | best acc | final acc | up bpp | down bpp | final sparsity (%) |",
+           "|---|---|---|---|---|---|---|"]
+  ref = [("FedBiF-1/4 (Table 1 run)", table.get(("fedbif", "dir0.5"), []))]
+  for name, rs in ref + [(LABELS[v], abl.get((v, "dir0.5"), [])) for v in ABLATIONS]:
+    if not rs:
+      continue
+    failed = sum(bool(r["failed"]) for r in rs)
+    done = [r for r in rs if r["summary"]]
+    up, down = _summary_stat(done, "mean_uplink_bpp")[0], _summary_stat(done, "mean_downlink_bpp")[0]
+    sp = _summary_stat(done, "final_sparsity")[0]
+    tail = (f"{up:.3f} | {down:.3f} | {100 * sp:.1f} |" if up is not None else "- | - | - |")
+    lines.append(f"| {name} | {len(rs)} | {_pct(*_summary_stat(done, 'best_accuracy'), failed)} | "
+                 f"{_pct(*_summary_stat(done, 'final_accuracy'), failed)} | {tail}")
+  fig3 = [("FedBiF-1/4", table.get(("fedbif", "dir0.5"), []))] + [
+      (LABELS[v], abl.get((v, "dir0.5"), [])) for v in ("fedbif-1-8", "fedbif-2-4", "fedbif-2-8")]
+  fig4 = [("FedBiF-1/4", table.get(("fedbif", "dir0.5"), [])),
+          ("FedAvg", table.get(("fedavg", "dir0.5"), [])),
+          ("SignSGD", table.get(("signsgd", "dir0.5"), []))] + [
+      (LABELS[v], abl.get((v, "dir0.5"), []))
+      for v in ("sign_bit", "no_vbi", "fixed_selector", "random_selector")]
+  figure_curves(fig3, "test_accuracy", "test accuracy", "FedBiF-A/B, Dir(0.5) (Fig. 3)",
+                os.path.join(fig_dir, "ablation_bits.png"))
+  figure_curves(fig4, "test_accuracy", "test accuracy", "FedBiF variants, Dir(0.5) (Fig. 4)",
+                os.path.join(fig_dir, "ablation_variants.png"))
+  return lines + ["", f"![fig3]({rel('ablation_bits.png')}) "
+                  f"![fig4]({rel('ablation_variants.png')})", ""]
+
+
+def bridge_section(bridge) -> list[str]:
+  lines = ["## The BatchNorm-free CNN (link to the earlier study; IID, seed 0)", "",
+           "| method | best acc | final acc | total MB |", "|---|---|---|---|"]
+  for v in ("fedavg-cnn", "fedbif-cnn"):
+    for r in bridge.get((v, "iid"), []):
+      s = r["summary"]
+      lines.append(f"| {LABELS[v]} | {100 * s['best_accuracy']:.1f} | "
+                   f"{100 * s['final_accuracy']:.1f} | {s['total_bytes'] / 1e6:.1f} |" if s
+                   else f"| {LABELS[v]} | diverged | - | - |")
+  return lines + [""]
 
 
 def _verdict(ok):
   return "**holds**" if ok else "**does not hold**"
 
 
-def claims(table, abl, long, partitions) -> list[str]:
-  """The paper's claims, each with the numbers that decide it at this scale."""
+def _mean(runs, key):
+  return _summary_stat([r for r in runs if r["summary"]], key)
+
+
+def claims(table, abl, partitions, targets) -> list[str]:
+  """The paper's claims, each with the numbers that decide it at this scale (means over seeds;
+  a gap is called within noise when smaller than twice the larger sample std)."""
   out = []
-  fb = {p: table.get(("fedbif", p), []) for p in partitions}
-  # 1. FedBiF beats FedAvg and every quantization baseline.
+  noise = lambda a, b: abs(a[0] - b[0]) < 2 * max(a[1], b[1]) if a[2] > 1 and b[2] > 1 else False
   for p in partitions:
-    mine = _mean_final(fb[p])
-    if mine is None:
+    mine = _mean(table.get(("fedbif", p), []), "best_accuracy")
+    if mine[0] is None:
       continue
-    others = {m: _mean_final(table.get((m, p), [])) for m in METHODS if m != "fedbif"}
-    others = {m: v for m, v in others.items() if v is not None}
-    beaten = [m for m, v in others.items() if mine > v]
-    lost = [f"{LABELS[m]} {100 * v:.1f}" for m, v in others.items() if mine <= v]
-    out.append(f"- *FedBiF-1/4 (1 bpp up, 4 bpp down) beats FedAvg and every quantization "
-               f"baseline* ({PARTITION_LABELS[p]}): {_verdict(not lost)}. FedBiF {100 * mine:.1f}%"
-               f"; beats {', '.join(LABELS[m] for m in beaten) or 'none'}"
-               + (f"; behind {', '.join(lost)}." if lost else "."))
-  # 2. 2-9 points better than FedAvg.
+    parts, beaten_all = [], True
+    for v in ("fedavg",) + BASELINES:
+      other = _mean(table.get((v, p), []), "best_accuracy")
+      if other[0] is None:
+        continue
+      gap = 100 * (mine[0] - other[0])
+      beaten_all &= gap > 0
+      parts.append(f"{LABELS[v]} {gap:+.1f}" + (" (within noise)" if noise(mine, other) else ""))
+    if parts:
+      out.append(f"- *FedBiF-1/4 (1 bpp up, 4 bpp down) beats FedAvg and every quantization "
+                 f"baseline* ({PARTITION_LABELS[p]}, best accuracy): {_verdict(beaten_all)}. "
+                 f"FedBiF {100 * mine[0]:.1f}%; FedBiF minus each (points): {', '.join(parts)}.")
   gaps = []
   for p in partitions:
-    a, b = _mean_final(fb[p]), _mean_final(table.get(("fedavg", p), []))
-    if a is not None and b is not None:
-      gaps.append(f"{PARTITION_LABELS[p]} {100 * (a - b):+.1f}")
+    for key in ("best_accuracy", "final_accuracy"):
+      a, b = _mean(table.get(("fedbif", p), []), key), _mean(table.get(("fedavg", p), []), key)
+      if a[0] is not None and b[0] is not None:
+        gaps.append((p, key, 100 * (a[0] - b[0])))
   if gaps:
-    ok = all(2 <= float(g.split()[-1]) <= 9 for g in gaps)
-    out.append(f"- *FedBiF improves test accuracy over FedAvg by 2-9 points*: {_verdict(ok)}. "
-               f"FedBiF minus FedAvg, final accuracy (points): {', '.join(gaps)}.")
-  # 3. Sparsity about 30%.
-  sp = [(p, _stat(fb[p], "final_sparsity")[0]) for p in partitions if fb[p]]
-  sp = [(p, v) for p, v in sp if v is not None]
-  if sp:
-    mean = float(np.mean([v for _, v in sp]))
-    out.append(f"- *FedBiF's model sparsity is about 30%*: {_verdict(0.2 <= mean <= 0.4)} "
-               f"(read as 20-40%). Final sparsity of the broadcast model: "
-               + ", ".join(f"{PARTITION_LABELS[p]} {100 * v:.1f}%" for p, v in sp)
-               + f"; mean {100 * mean:.1f}%.")
-  # 4. Lipschitz constants smaller than FedAvg's.
-  parts = []
-  ok_all = True
+    ok = all(2 <= g <= 9 for _, _, g in gaps)
+    out.append("- *FedBiF improves test accuracy over FedAvg by 2-9 points*: "
+               f"{_verdict(ok)}. FedBiF minus FedAvg (points): " + ", ".join(
+                   f"{PARTITION_LABELS[p]} {k.split('_')[0]} {g:+.1f}" for p, k, g in gaps) + ".")
   for p in partitions:
-    lf = [_final_lipschitz(r) for r in fb[p] if r["summary"]]
-    la = [_final_lipschitz(r) for r in table.get(("fedavg", p), []) if r["summary"]]
-    lf, la = [v for v in lf if v], [v for v in la if v]
+    fb, fa = table.get(("fedbif", p), []), table.get(("fedavg", p), [])
+    if targets.get(p) and fb and fa:
+      hit = lambda runs: [reach(r, targets[p]) for r in runs if r["summary"]]
+      hb, ha = [h for h in hit(fb) if h], [h for h in hit(fa) if h]
+      if hb and ha:
+        out.append(f"- *FedBiF needs far fewer bytes to reach a given accuracy* "
+                   f"({PARTITION_LABELS[p]}, target {100 * targets[p]:.1f}%): "
+                   f"{_verdict(np.mean([h[1] for h in hb]) < np.mean([h[1] for h in ha]))}. "
+                   f"MB to target FedBiF {np.mean([h[1] for h in hb]):.1f} "
+                   f"({len(hb)}/{len(hit(fb))} seeds reach it, round "
+                   f"{np.mean([h[0] for h in hb]):.0f}) vs FedAvg "
+                   f"{np.mean([h[1] for h in ha]):.1f} (round {np.mean([h[0] for h in ha]):.0f}).")
+  sp = []
+  for p in partitions:
+    done = [r for r in table.get(("fedbif", p), []) if r["summary"]]
+    if done:
+      sp.append((p, np.mean([_first(r, "sparsity") for r in done]),
+                 np.mean([_last(r, "sparsity") for r in done])))
+  if sp:
+    final = float(np.mean([s[2] for s in sp]))
+    learned = float(np.mean([s[2] - s[1] for s in sp]))
+    out.append(f"- *FedBiF's model sparsity is about 30%*: {_verdict(0.2 <= final <= 0.4)} "
+               f"(read as 20-40%); *and it is learned*: {_verdict(learned >= 0.05)} (read as at "
+               "least 5 points above the untrained quantized model). Untrained → final: "
+               + ", ".join(f"{PARTITION_LABELS[p]} {100 * a:.1f} → {100 * b:.1f}%"
+                           for p, a, b in sp) + ".")
+  parts, ok_all = [], True
+  for p in partitions:
+    lf = [_last(r, "lipschitz") for r in table.get(("fedbif", p), []) if r["summary"]]
+    la = [_last(r, "lipschitz") for r in table.get(("fedavg", p), []) if r["summary"]]
+    l0 = [_first(r, "lipschitz_untrained") for r in table.get(("fedbif", p), []) if r["summary"]]
+    lf, la, l0 = [v for v in lf if v], [v for v in la if v], [v for v in l0 if v]
     if lf and la:
-      parts.append(f"{PARTITION_LABELS[p]} FedBiF {np.mean(lf):.3g} vs FedAvg {np.mean(la):.3g}")
+      parts.append(f"{PARTITION_LABELS[p]} FedBiF {np.mean(lf):.3g} vs FedAvg {np.mean(la):.3g}"
+                   + (f" (untrained {np.mean(l0):.3g})" if l0 else ""))
       ok_all &= np.mean(lf) < np.mean(la)
   if parts:
     out.append(f"- *FedBiF's global model has a smaller Lipschitz constant than FedAvg's* "
                f"(AutoLip upper bound, last round): {_verdict(ok_all)}. {'; '.join(parts)}.")
-  # 5. Fig. 3.
-  a = {v: _curve(abl.get((v, "dir0.5"), []), "test_accuracy")[1]
+  a = {v: _mean(abl.get((v, "dir0.5"), []), "best_accuracy")[0]
        for v in ("fedbif-1-8", "fedbif-2-4", "fedbif-2-8")}
-  a["fedbif-1-4"] = _curve(table.get(("fedbif", "dir0.5"), []), "test_accuracy")[1]
+  a["fedbif-1-4"] = _mean(table.get(("fedbif", "dir0.5"), []), "best_accuracy")[0]
   if all(v is not None for v in a.values()):
-    half = {k: float(np.mean(v[: max(1, len(v) // 2)])) for k, v in a.items()}
-    final = {k: float(v[-1]) for k, v in a.items()}
-    fmt = lambda d: ", ".join(f"{k.replace('fedbif-', '').replace('-', '/')} {100 * v:.1f}"
-                              for k, v in d.items())
-    out.append(f"- *Fig. 3: FedBiF-1/8 converges slower and ends lower than 1/4*: "
-               f"{_verdict(half['fedbif-1-8'] < half['fedbif-1-4'] and final['fedbif-1-8'] < final['fedbif-1-4'])}."
-               f" *FedBiF-2/4 converges fastest*: "
-               f"{_verdict(half['fedbif-2-4'] == max(half.values()))}. *FedBiF-2/8 ends above 1/4*: "
-               f"{_verdict(final['fedbif-2-8'] > final['fedbif-1-4'])}. Mean accuracy over the first "
-               f"half of the rounds (speed): {fmt(half)}; final: {fmt(final)} (Dir(0.5), mean of seeds).")
-  # 6. Fig. 4.
-  ref = {k: _mean_final(table.get((k, "dir0.5"), [])) for k in ("fedbif", "fedavg", "signsgd")}
-  var = {k: _mean_final(abl.get((k, "dir0.5"), [])) for k in
-         ("no_vbi", "sign_bit", "fixed_selector", "random_selector")}
-  if ref["fedbif"] is not None and ref["fedavg"] is not None and any(v is not None for v in var.values()):
-    f, avg, sgn = ref["fedbif"], ref["fedavg"], ref["signsgd"]
-    pct = lambda v: f"{100 * v:.1f}"
+    fmt = ", ".join(f"{k.replace('fedbif-', '').replace('-', '/')} {100 * v:.1f}"
+                    for k, v in a.items())
+    out.append(f"- *Fig. 3: FedBiF-1/8 ends lower than 1/4*: "
+               f"{_verdict(a['fedbif-1-8'] < a['fedbif-1-4'])}; *FedBiF-2/8 ends above 1/4*: "
+               f"{_verdict(a['fedbif-2-8'] > a['fedbif-1-4'])}. Best accuracy (Dir(0.5), mean "
+               f"of seeds): {fmt}.")
+  ref = {k: _mean(table.get((k, "dir0.5"), []), "best_accuracy")[0]
+         for k in ("fedbif", "fedavg", "signsgd")}
+  var = {k: _mean(abl.get((k, "dir0.5"), []), "best_accuracy")[0]
+         for k in ("no_vbi", "sign_bit", "fixed_selector", "random_selector")}
+  f, avg, sgn = ref["fedbif"], ref["fedavg"], ref["signsgd"]
+  pct = lambda v: f"{100 * v:.1f}"
+  if f is not None and avg is not None:
     if var["no_vbi"] is not None:
       out.append(f"- *Without VBI accuracy is lower, but still reaches FedAvg's*: "
                  f"{_verdict(var['no_vbi'] < f and var['no_vbi'] >= avg)}. without VBI "
                  f"{pct(var['no_vbi'])}, FedBiF {pct(f)}, FedAvg {pct(avg)}.")
     if var["sign_bit"] is not None:
-      sb_sp = _stat(abl.get(("sign_bit", "dir0.5"), []), "final_sparsity")[0]
-      out.append(f"- *With a sign bit FedBiF fails to train a usable model (weights decay to 0)*: "
+      out.append(f"- *With a sign bit FedBiF fails to train a usable model*: "
                  f"{_verdict(var['sign_bit'] < 0.5 * f)} (read as: below half of FedBiF's "
-                 f"accuracy). with sign bit {pct(var['sign_bit'])} (final sparsity "
-                 f"{100 * sb_sp:.1f}%), FedBiF {pct(f)}.")
+                 f"accuracy). with sign bit {pct(var['sign_bit'])}, FedBiF {pct(f)}.")
     if var["fixed_selector"] is not None and sgn is not None:
       out.append(f"- *The fixed selector is worse than FedAvg but better than SignSGD*: "
-                 f"{_verdict(sgn < var['fixed_selector'] < avg)}. fixed {pct(var['fixed_selector'])}"
-                 f", FedAvg {pct(avg)}, SignSGD {pct(sgn)}.")
+                 f"{_verdict(sgn < var['fixed_selector'] < avg)}. fixed "
+                 f"{pct(var['fixed_selector'])}, FedAvg {pct(avg)}, SignSGD {pct(sgn)}.")
     if var["random_selector"] is not None:
-      out.append(f"- *The random selector is comparable to the sequential one* (within 2 points): "
-                 f"{_verdict(abs(var['random_selector'] - f) <= 0.02)}. random "
+      out.append(f"- *The random selector is comparable to the sequential one* (within 2 "
+                 f"points): {_verdict(abs(var['random_selector'] - f) <= 0.02)}. random "
                  f"{pct(var['random_selector'])}, sequential {pct(f)}.")
-  # 7. The long horizon.
-  lf, la = long.get(("fedbif", "iid")), long.get(("fedavg", "iid"))
-  if lf and la and lf[0]["summary"] and la[0]["summary"]:
-    cf, ca = _curve(lf, "test_accuracy")[1], _curve(la, "test_accuracy")[1]
-    n = min(len(cf), len(ca))
-    table_rounds = next((r["config"]["rounds"] for rs in table.values() for r in rs
-                         if r["config"]), None)
-    checkpoints = sorted({k for k in (table_rounds, n // 4, n // 2, n) if k and 1 <= k <= n})
-    gaps = ", ".join(f"round {k}: {100 * (cf[k - 1] - ca[k - 1]):+.1f}" for k in checkpoints)
-    best_f, best_a = lf[0]["summary"]["best_accuracy"], la[0]["summary"]["best_accuracy"]
-    out.append(f"- *With a longer horizon FedBiF catches up with FedAvg* (the open question of the "
-               f"engine issue): {_verdict(cf[n - 1] >= ca[n - 1])} at {n} rounds (read as: "
-               f"FedBiF's final accuracy reaches FedAvg's). FedBiF minus FedAvg (IID, seed 0, "
-               f"points) at {gaps}; best accuracy FedBiF {100 * best_f:.1f}, FedAvg "
-               f"{100 * best_a:.1f}.")
   return out
 
 
-def write_report(root: str, out: str) -> str:
+def coverage(runs: dict, smoke: bool) -> list[str]:
+  """Which planned cells are missing or have fewer seeds than planned."""
+  planned = defaultdict(set)
+  for grid in TABLE_GRIDS + ("ablations", "bridge"):
+    for r in grid_runs(grid, smoke):
+      m = RUN_NAME.match(r.name)
+      planned[(grid, m["variant"], m["partition"])].add(int(m["seed"]))
+  short = []
+  for (grid, v, p), seeds in sorted(planned.items()):
+    have = {r["seed"] for r in runs.get(grid, {}).get((v, p), [])}
+    if have != seeds:
+      short.append(f"{grid}/{v} {PARTITION_LABELS[p]}: {len(have)} of {len(seeds)} seeds")
+  return short
+
+
+def write_report(root: str, out: str, tuned_path: str = DEFAULT_TUNED, smoke: bool = False) -> str:
   runs = load_runs(root)
-  table, abl, long = runs.get("table1", {}), runs.get("ablations", {}), runs.get("long", {})
+  tuned = read_tuned(tuned_path)
+  table = defaultdict(list)
+  for grid in TABLE_GRIDS:
+    for key, rs in runs.get(grid, {}).items():
+      table[key] += rs
+  abl, bridge, tune = runs.get("ablations", {}), runs.get("bridge", {}), runs.get("tune", {})
   fig_dir = os.path.join(os.path.dirname(out) or ".", "figures")
   os.makedirs(fig_dir, exist_ok=True)
   rel = lambda name: os.path.relpath(os.path.join(fig_dir, name), os.path.dirname(out) or ".")
   partitions = [p for p in PARTITIONS if any(k[1] == p for k in table)]
-  methods = [m for m in METHODS if any(k[0] == m for k in table)]
-  any_run = next((r for rs in (list(table.values()) + list(abl.values()) + list(long.values()))
-                  for r in rs if r["config"]), None)
-  lines = ["# Results: the paper's study at CPU scale", "",
-           "Generated by `python experiments/report.py` from the run directories of "
-           "`experiments/grid.py`; do not edit by hand.", ""]
-  if any_run is None:
+  everything = [r for g, grid in runs.items() for rs in (grid.values()) for r in
+                (rs if isinstance(rs, list) else [rs])]
+  example = next((r["config"] for r in everything if r["config"]
+                  and r["config"].get("eval_test", True)), None)
+  lines = ["# Results: a fair test of FedBiF at CPU scale", "",
+           "Generated by `python experiments/report.py --root=experiments/results` from the runs "
+           "committed under `experiments/results/` (made by `experiments/grid.py`); do not edit "
+           "by hand.", ""]
+  if example is None and not tune:
     lines += ["No finished runs under the given root.", ""]
-  else:
-    c = any_run["config"]
-    d = c["data"]
-    wall = sum(r["wall_seconds"] for g in runs.values() for rs in g.values() for run in rs
-               for r in run["metrics"])
+  if example is not None:
+    c, d = example, example["data"]
+    wall = sum(r.get("wall_seconds", 0) for run in everything for r in run["metrics"])
     lines += [
         "## Setup", "",
         f"- Data: {d['name']} ({d['source']}), a seeded subset of {d['train_subset'] or 'all'} "
-        f"training images split over {c['num_clients']} clients (all of them every round); test "
-        f"accuracy on a seeded subset of {d['test_subset'] or 'all'} test images. The seed picks "
-        "the subsets, the partition and the initialisation.",
+        f"training images, {d['validation']} of them held out as the validation split (no "
+        f"client trains on them; tuning reads only them), the rest over {c['num_clients']} "
+        f"clients, all of them every round; test accuracy on "
+        f"{d['test_subset'] or 'all'} test images every {c['eval_every']} rounds and the last.",
         f"- Model `{c['model']['name']}`, {c['local_epochs']} local epoch(s) of batch "
-        f"{c['batch_size']}, plain SGD lr {c['lr']}, {c['rounds']} rounds (table and ablations); "
-        f"long runs {max((len(r['metrics']) for rs in long.values() for r in rs), default=0)} "
-        "rounds. FedBiF: m = 4 bits, s = 1 activated bit, sequential selector from the MSB, VBI.",
-        f"- Lipschitz bound and last-layer histogram every {c['lipschitz_every']} rounds (and the "
-        "last round).",
-        f"- Total training time of all runs: {wall / 60:.0f} min (sum of per-round wall time); "
-        f"report generated {datetime.date.today().isoformat()} on {_machine()}.",
-        "", "Reproduce:", "", "```",
-        "python experiments/grid.py --root=/tmp/study --data_path=../shared/data/cifar10.npz",
-        "python experiments/report.py --root=/tmp/study --out=docs/RESULTS.md", "```", ""]
-
+        f"{c['batch_size']}, plain SGD at each method's tuned values, {c['rounds']} rounds. "
+        "FedBiF: m = 4 bits, s = 1 activated bit, sequential selector, VBI, plus the tuned "
+        "bit step. FedAvg and the baselines weight clients by data share p_k on every split.",
+        f"- Machine time of the finished runs: {wall / 3600:.1f} h (sum of per-round wall "
+        f"time); report generated {datetime.date.today().isoformat()} on {_machine()}.", ""]
+  if tune or tuned.get("methods"):
+    lines += tuning_section(tune, tuned, smoke, rel, fig_dir)
+  targets = {}
   if table:
-    lines += ["## Table 1 (CPU scale)", "",
-              "Final test accuracy (%), mean ± sample std (n - 1) over seeds; bpp over the compressed weights, "
-              "mean of rounds and runs; MB: all bytes sent up and down, as encoded by `wire.py`, "
-              "mean of runs.", "",
-              "| method | uplink bpp | downlink bpp | "
-              + " | ".join(f"{PARTITION_LABELS[p]} acc" for p in partitions) + " | total MB | seeds |",
-              "|---|---|---|" + "---|" * len(partitions) + "---|---|"]
-    for m in methods:
-      allruns = [r for p in partitions for r in table.get((m, p), [])]
-      cells = []
-      for p in partitions:
-        rs = table.get((m, p), [])
-        cells.append(_fmt_acc(*_stat(rs, "final_accuracy"), sum(bool(r["failed"]) for r in rs)))
-      up, down = _stat(allruns, "mean_uplink_bpp")[0], _stat(allruns, "mean_downlink_bpp")[0]
-      mb = _stat(allruns, "total_bytes")[0]
-      seeds = sorted({r["seed"] for r in allruns})
-      lines.append(f"| {LABELS[m]} | {up:.3f} | {down:.3f} | " + " | ".join(cells)
-                   + f" | {mb / 1e6:.1f} | {len(seeds)} |" if up is not None else
-                   f"| {LABELS[m]} | - | - | " + " | ".join(cells) + " | - | - |")
-    figure_convergence(table, partitions, methods, os.path.join(fig_dir, "convergence.png"))
-    lines += ["", f"![convergence]({rel('convergence.png')})", "",
-              "Top: test accuracy against round; bottom: against MB sent (log scale). Mean of seeds.",
-              ""]
-    fb_groups = [(PARTITION_LABELS[p], table.get(("fedbif", p), [])) for p in partitions]
-    figure_curves(fb_groups, "sparsity", "fraction of zero integers", "FedBiF-1/4 sparsity",
-                  os.path.join(fig_dir, "sparsity.png"))
-    lip_groups = [(f"{LABELS[m]} {PARTITION_LABELS[p]}", table.get((m, p), []))
-                  for m in ("fedavg", "fedbif") for p in partitions]
-    figure_curves(lip_groups, "lipschitz", "Lipschitz upper bound (AutoLip)",
-                  "Lipschitz bound of the global model (Fig. 6)",
-                  os.path.join(fig_dir, "lipschitz.png"), logy=True)
-    lines += ["## Sparsity and Lipschitz constants (Sec. 4.4)", "",
-              f"![sparsity]({rel('sparsity.png')}) ![lipschitz]({rel('lipschitz.png')})", ""]
-    hist_runs = []
-    for label, grid, key in (("FedAvg", table, ("fedavg", "dir0.5")),
-                             ("FedBiF-1/4", table, ("fedbif", "dir0.5")),
-                             ("FedBiF with sign bit", abl, ("sign_bit", "dir0.5"))):
-      rs = [r for r in grid.get(key, []) if r["histograms"]]
-      if rs:
-        hist_runs.append((label + f", seed {rs[0]['seed']}", rs[0]))
-    if hist_runs:
-      figure_histograms(hist_runs, os.path.join(fig_dir, "histograms.png"))
-      lines += ["Last-layer weight distribution over rounds (Fig. 5), Dir(0.5):", "",
-                f"![histograms]({rel('histograms.png')})", ""]
-
+    section, targets = table_section(table, partitions, rel, fig_dir)
+    lines += section
+    lines += properties_section(table, abl, partitions, rel, fig_dir)
   if abl:
-    lines += ["## Ablations on Dir(0.5)", "", "| variant | final acc (%) | uplink bpp | "
-              "downlink bpp | final sparsity | seeds |", "|---|---|---|---|---|---|"]
-    ref = [("FedBiF-1/4 (Table 1 run)", table.get(("fedbif", "dir0.5"), []))]
-    for name, rs in ref + [(LABELS[v], abl.get((v, "dir0.5"), [])) for v in ABLATIONS]:
-      if not rs:
-        continue
-      acc = _fmt_acc(*_stat(rs, "final_accuracy"), sum(bool(r["failed"]) for r in rs))
-      up, down = _stat(rs, "mean_uplink_bpp")[0], _stat(rs, "mean_downlink_bpp")[0]
-      sp = _stat(rs, "final_sparsity")[0]
-      lines.append(f"| {name} | {acc} | " + (f"{up:.3f} | {down:.3f} | {100 * sp:.1f}% |"
-                                              if up is not None else "- | - | - |")
-                   + f" {len(rs)} |")
-    fig3 = [("FedBiF-1/4", table.get(("fedbif", "dir0.5"), []))] + [
-        (LABELS[v], abl.get((v, "dir0.5"), [])) for v in ("fedbif-1-8", "fedbif-2-4", "fedbif-2-8")]
-    fig4 = [("FedBiF-1/4", table.get(("fedbif", "dir0.5"), [])),
-            ("FedAvg", table.get(("fedavg", "dir0.5"), [])),
-            ("SignSGD", table.get(("signsgd", "dir0.5"), []))] + [
-        (LABELS[v], abl.get((v, "dir0.5"), []))
-        for v in ("sign_bit", "no_vbi", "fixed_selector", "random_selector")]
-    figure_curves(fig3, "test_accuracy", "test accuracy", "FedBiF-A/B, Dir(0.5) (Fig. 3)",
-                  os.path.join(fig_dir, "ablation_bits.png"))
-    figure_curves(fig4, "test_accuracy", "test accuracy", "FedBiF variants, Dir(0.5) (Fig. 4)",
-                  os.path.join(fig_dir, "ablation_variants.png"))
-    lines += ["", f"![fig3]({rel('ablation_bits.png')}) ![fig4]({rel('ablation_variants.png')})",
-              ""]
-
-  if long:
-    lines += ["## Long runs (IID, seed 0)", "",
-              "| method | rounds | final acc (%) | best acc (%) | total MB |", "|---|---|---|---|---|"]
-    for m in METHODS:
-      for r in long.get((m, "iid"), []):
-        s = r["summary"]
-        lines.append(f"| {LABELS[m]} | {s['rounds']} | {100 * s['final_accuracy']:.1f} | "
-                     f"{100 * s['best_accuracy']:.1f} | {s['total_bytes'] / 1e6:.1f} |" if s else
-                     f"| {LABELS[m]} | - | diverged | - | - |")
-    figure_curves([(LABELS[m], long.get((m, "iid"), [])) for m in METHODS], "test_accuracy",
-                  "test accuracy", "Long runs, IID", os.path.join(fig_dir, "long.png"))
-    lines += ["", f"![long]({rel('long.png')})", ""]
-
-  found = claims(table, abl, long, partitions)
-  lines += ["## The paper's claims at this scale", ""]
-  lines += found or ["No claim can be checked: too few runs."]
-  lines += ["", "Each verdict compares means over seeds; the tables give the sample std, and with "
-            "3 seeds a difference smaller than about twice the larger std is within seed noise. "
-            "A claim that does not hold here is a result about this scale (small CNN, a few "
-            "thousand images, tens of rounds), not a verdict on the paper's full-scale runs.", ""]
+    lines += ablation_section(table, abl, rel, fig_dir)
+  if bridge:
+    lines += bridge_section(bridge)
+  found = claims(table, abl, partitions, targets)
+  lines += ["## The paper's claims, re-judged at this scale", ""]
+  lines += found or ["No claim can be checked yet: too few finished runs."]
+  scale = (f"`{example['model']['name']}`, {example['num_clients']} clients, "
+           f"{example['rounds']} rounds" if example else "this scale")
+  lines += ["", "Verdicts compare means over seeds; \"within noise\" marks a gap smaller than "
+            "twice the larger sample std. A claim that does not hold here is a result about "
+            f"this scale ({scale}, the data above), not a verdict on the paper's full-scale "
+            "runs.", ""]
+  short = coverage(runs, smoke)
+  lines += ["## Cells with fewer seeds than planned", ""]
+  lines += [f"- {s}" for s in short] or ["None: every planned cell has all its seeds."]
+  lines.append("")
   with open(out, "w") as f:
     f.write("\n".join(lines))
   return out
@@ -443,13 +618,16 @@ def define_flags() -> None:
   """The command line (defined only when run as a script, so that tests can import this module)."""
   flags.DEFINE_string("root", None, "The --root of experiments/grid.py.")
   flags.DEFINE_string("out", "docs/RESULTS.md", "The report; figures go to figures/ beside it.")
+  flags.DEFINE_string("tuned", DEFAULT_TUNED, "The tuned values file.")
+  flags.DEFINE_bool("smoke", False, "The runs were made with grid.py --smoke.")
+
 
 def main(argv):
   del argv
   if not FLAGS.root or not os.path.isdir(FLAGS.root):
     print(f"error: --root: no such directory: {FLAGS.root}", file=sys.stderr)
     sys.exit(2)
-  print(write_report(FLAGS.root, FLAGS.out))
+  print(write_report(FLAGS.root, FLAGS.out, FLAGS.tuned, FLAGS.smoke))
 
 
 if __name__ == "__main__":

@@ -73,13 +73,60 @@ def _ste_bwd(_, g):
 ste_step.defvjp(_ste_fwd, _ste_bwd)
 
 
+@jax.custom_vjp
+def scale_gradient(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """Identity in the forward pass; multiplies the incoming gradient by `scale` (broadcast to x).
+
+  For plain SGD, the engine's optimizer, scaling a leaf's gradient by c is scaling its step by c:
+  FedBiF's per-bit learning rates (`fedbif.bit_lr_scale`, `fedbif.bit_step`) are this. `scale`
+  gets no gradient.
+  """
+  return x
+
+
+def _scale_gradient_fwd(x, scale):
+  return x, scale
+
+
+def _scale_gradient_bwd(scale, g):
+  return (g * scale).astype(g.dtype), jnp.zeros_like(scale)
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
+
+
 def fan_in(shape: tuple[int, ...]) -> int:
   """Fan-in of a Flax kernel (conv HWIO or dense IO): the product of all but the last axis."""
   return int(math.prod(shape[:-1])) if len(shape) > 1 else int(shape[0])
 
 
+# How the virtual bits' initial magnitudes are drawn (`init_std`).
+BIT_INITS = ("fan_in", "stacked_fan_in")
+
+
+def init_std(shape: tuple[int, ...], rule: str = "fan_in") -> float:
+  """Standard deviation of the Kaiming-normal virtual bits of a kernel of `shape` (no bit axis).
+
+  * ``fan_in``: sqrt(2 / fan_in(shape)), the kernel's own fan-in (Flax HWIO / IO layout).
+  * ``stacked_fan_in``: fan-in as PyTorch's ``kaiming_normal_`` computes it on one stacked bit
+    tensor ``[m, out, in, k, k]`` (``size(1)`` times the receptive field, i.e. out * in * k * k):
+    sqrt(2 / (fan_in(shape) * out)), sqrt(out) times smaller.
+
+  The paper says only "Kaiming initialization". With plain SGD the initial scale is a hidden
+  learning-rate multiplier: virtual bits drawn c times larger follow the same hard bits as the
+  unscaled ones trained with 1/c of the step (their trajectories differ by the factor c), so
+  ``stacked_fan_in`` equals ``fan_in`` with each kernel's bit step scaled by sqrt(out).
+  """
+  if rule not in BIT_INITS:
+    raise ValueError(f"fedbif.bit_init: must be one of {', '.join(BIT_INITS)}, got {rule!r}")
+  fan = fan_in(shape)
+  if rule == "stacked_fan_in":
+    fan *= int(shape[-1])
+  return math.sqrt(2.0 / fan)
+
+
 def init_virtual_bits(key: jax.Array, params: Params, m: int,
-                      predicate: Predicate = is_kernel) -> dict:
+                      predicate: Predicate = is_kernel, rule: str = "fan_in") -> dict:
   """Kaiming-normal virtual bits for every bit-trained leaf (Alg. 1, "Clients initialize ...").
 
   Args:
@@ -87,9 +134,10 @@ def init_virtual_bits(key: jax.Array, params: Params, m: int,
     params: a Flax params pytree (nested dicts of arrays).
     m: bit width.
     predicate: which leaves are bit-trained (default: conv and dense kernels).
+    rule: `init_std`'s rule, ``fan_in`` (default) or ``stacked_fan_in``.
   Returns:
     Pruned nested dict: each bit-trained leaf of shape S becomes float32 [m, *S] drawn from
-    N(0, 2 / fan_in(S)). Other leaves are absent.
+    N(0, init_std(S, rule)^2). Other leaves are absent.
   """
   m = quant.check_bits(m)
   bit_params, _ = split_params(params, predicate)
@@ -97,7 +145,7 @@ def init_virtual_bits(key: jax.Array, params: Params, m: int,
   keys = jax.random.split(key, max(len(flat), 1))
   out = {}
   for k_leaf, (path, leaf) in zip(keys, sorted(flat.items())):
-    std = math.sqrt(2.0 / fan_in(leaf.shape))
+    std = init_std(tuple(leaf.shape), rule)
     out[path] = std * jax.random.normal(k_leaf, (m,) + tuple(leaf.shape), jnp.float32)
   return traverse_util.unflatten_dict(out)
 
@@ -138,13 +186,15 @@ def inherit(virtual_bits: Params, received_bits: Params) -> dict:
   return jax.tree.map(one, virtual_bits, received_bits)
 
 
-def reinitialize(key: jax.Array, virtual_bits: Params, received_bits: Params) -> dict:
-  """The "without VBI" ablation (Sec. 4.3): fresh Kaiming magnitudes, signs from received bits."""
+def reinitialize(key: jax.Array, virtual_bits: Params, received_bits: Params,
+                 rule: str = "fan_in") -> dict:
+  """The "without VBI" ablation (Sec. 4.3): fresh Kaiming magnitudes (`init_std`'s `rule`),
+  signs from the received bits."""
   flat = traverse_util.flatten_dict(virtual_bits)
   keys = jax.random.split(key, max(len(flat), 1))
   fresh = {}
   for k_leaf, (path, v) in zip(keys, sorted(flat.items())):
-    std = math.sqrt(2.0 / fan_in(v.shape[1:]))
+    std = init_std(tuple(v.shape[1:]), rule)
     fresh[path] = std * jax.random.normal(k_leaf, v.shape, v.dtype)
   return inherit(traverse_util.unflatten_dict(fresh), received_bits)
 

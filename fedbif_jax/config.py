@@ -23,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.lr = 0.05                      # plain SGD: no momentum, no weight decay
   c.aggregation_weights = "uniform"  # uniform (Eq. 6 as printed) | data_size (p_k, Sec. 2.1)
   c.eval_batch_size = 1000
+  c.eval_every = 1                 # rounds between evaluations (validation and test); the last
+                                   # round is always evaluated
+  c.eval_test = True               # False: never read the test set (tuning on data.validation)
   c.checkpoint_every = 5           # rounds; 0 disables checkpoints
   c.lipschitz_every = 0            # rounds; > 0: Lipschitz bound + last-layer histogram (Sec. 4.4)
   c.lipschitz_iterations = 50      # power-iteration steps per layer
@@ -57,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.data_dir = ""             # tfds: data_dir of prepared data sets
   c.data.train_subset = 0          # > 0: a seeded random subset of the training set
   c.data.test_subset = 0           # > 0: a seeded random subset of the test set (smoke runs)
+  c.data.validation = 0            # > 0: this many training images (seeded by `seed`) held out
+                                   # from every client, evaluated as validation_accuracy
   c.data.normalization = "train_stats"  # train_stats (of the training set) | published (per data set)
   c.data.augment = "none"          # none | crop_flip (random crop, 4-pixel padding, + horizontal flip)
   c.data.partition = "iid"         # iid | dirichlet
@@ -72,6 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.fedbif.encoding = "offset"     # offset (Eq. 4) | sign_magnitude (the sign-bit ablation)
   c.fedbif.vbi = True              # virtual bits inheritance (False: the "without VBI" ablation)
   c.fedbif.full_precision_first_last = False  # True: the first and last layers' kernels stay float32
+  c.fedbif.bit_lr_scale = 1.0      # the activated virtual bits' SGD step is lr x this (biases and
+                                   # BatchNorm keep lr); the paper leaves it at 1
+  c.fedbif.bit_step = "uniform"    # uniform | inverse_pow2: bit i's step further scaled by 2^-i
+  c.fedbif.bit_init = "fan_in"     # virtual bits' Kaiming std: fan_in (the kernel's) |
+                                   # stacked_fan_in (PyTorch's fan-in of a stacked [m, out, ...])
 
   # Baselines (fedbif_jax/algorithms/<name>.py): kernels compressed, biases and BatchNorm float32.
   c.signsgd = ml_collections.ConfigDict()

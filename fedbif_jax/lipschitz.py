@@ -3,8 +3,12 @@
 Following Virmaux & Scaman (2018, "AutoLip"), the bound is the product over layers of each
 layer's spectral norm (its largest singular value as a linear map), the activations, pooling and
 flattening being 1-Lipschitz. Each conv or dense layer is treated as the linear map it applies to
-inputs of the shape it actually sees (so convolutions are not flattened to their kernels), and a
-BatchNorm that directly follows one (in eval mode: a per-channel affine map) is folded into it.
+inputs of the shape it actually sees (so convolutions are not flattened to their kernels), and
+the first BatchNorm after one (in eval mode: a per-channel affine map D) is folded into it. That
+BatchNorm may follow the layer directly or through per-channel 1-Lipschitz operations (ReLU, a
+max-pool over disjoint windows, as in the ``cnn_bn`` model): D scales each channel by one
+constant, so |D phi(u) - D phi(v)| <= |D (u - v)| element- or window-wise, and ||D A|| still
+bounds the pair.
 
 Spectral norms come from power iteration on A^T A, with A u from `jax.jvp` and A^T v from
 `jax.vjp` of the layer (biases drop out: the derivative of an affine map is its linear part), so
@@ -59,8 +63,9 @@ def linear_layers(model: nn.Module, variables: dict, x: jax.Array) -> list[Layer
   """The model's Conv/Dense layers in call order, each with a following BatchNorm folded in.
 
   Runs one eval-mode forward pass on `x` (e.g. a single example [1, H, W, C]) and records every
-  `nn.Conv`/`nn.Dense` call with its input shape, and every `nn.BatchNorm` whose input is the
-  output of the layer called just before it.
+  `nn.Conv`/`nn.Dense` call with its input shape, and every `nn.BatchNorm` that is the next
+  Conv/Dense/BatchNorm call after such a layer and normalises its channels (module docstring:
+  directly after it, or after a ReLU or max-pool of its output).
   """
   records: list[dict] = []
 
@@ -75,10 +80,14 @@ def linear_layers(model: nn.Module, variables: dict, x: jax.Array) -> list[Layer
       plain = ({"conv_general_dilated": lax.conv_general_dilated}
                if isinstance(module, nn.Conv) else {})
       records.append({"path": module.scope.path, "module": module.clone(parent=None, **plain),
-                      "shape": tuple(args[0].shape), "out": out, "bn": None})
-    elif isinstance(module, nn.BatchNorm) and records and args[0] is records[-1]["out"]:
-      records[-1]["bn"] = (module.scope.path,
-                           module.clone(parent=None, use_running_average=True))
+                      "shape": tuple(args[0].shape), "out": out, "bn": None, "closed": False})
+    elif isinstance(module, nn.BatchNorm):
+      last = records[-1] if records else None
+      if (last is not None and not last["closed"]
+          and args[0].shape[-1] == last["out"].shape[-1]):
+        last["bn"] = (module.scope.path, module.clone(parent=None, use_running_average=True))
+      if last is not None:
+        last["closed"] = True
     return out
 
   with nn.intercept_methods(interceptor):

@@ -22,12 +22,20 @@ from fedbif_jax.client import normalize
 from fedbif_jax.wire import Bits
 
 
-def make_evaluator(model, eval_variables: Callable, dataset, batch_size: int
-                   ) -> Callable[..., tuple[float, float]]:
-  """Returns evaluate(server_state) -> (accuracy, mean loss) over dataset's test split."""
-  x_test = jnp.asarray(dataset.x_test)
-  y_test = jnp.asarray(dataset.y_test)
-  idx, mask = data_lib.eval_batches(len(dataset.y_test), batch_size)
+EVAL_SPLITS = ("test", "validation")
+
+
+def make_evaluator(model, eval_variables: Callable, dataset, batch_size: int,
+                   split: str = "test") -> Callable[..., tuple[float, float]]:
+  """Returns evaluate(server_state) -> (accuracy, mean loss) over one split of `dataset`:
+  ``test`` (x_test, y_test) or ``validation`` (x_val, y_val, held out of the training set)."""
+  if split not in EVAL_SPLITS:
+    raise ValueError(f"split: must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
+  x_eval = jnp.asarray(dataset.x_test if split == "test" else dataset.x_val)
+  y_eval = jnp.asarray(dataset.y_test if split == "test" else dataset.y_val)
+  if len(y_eval) == 0:
+    raise ValueError(f"split: the {split} split is empty")
+  idx, mask = data_lib.eval_batches(len(y_eval), batch_size)
   idx, mask = jnp.asarray(idx), jnp.asarray(mask)
   mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
 
@@ -40,13 +48,13 @@ def make_evaluator(model, eval_variables: Callable, dataset, batch_size: int
     return jnp.sum(correct * batch_mask), jnp.sum(loss * batch_mask)
 
   to_variables = jax.jit(eval_variables)
-  total = float(len(dataset.y_test))
+  total = float(len(y_eval))
 
   def evaluate(server_state) -> tuple[float, float]:
     variables = to_variables(server_state)
     correct, loss = jnp.zeros(()), jnp.zeros(())
     for b in range(idx.shape[0]):
-      c, l = batch_stats(variables, x_test, y_test, idx[b], mask[b])
+      c, l = batch_stats(variables, x_eval, y_eval, idx[b], mask[b])
       correct, loss = correct + c, loss + l
     correct, loss = jax.device_get((correct, loss))
     return float(correct) / total, float(loss) / total
@@ -74,18 +82,21 @@ def sparsity(payload) -> float:
 
 
 def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
-  """Writes accuracy vs round and vs cumulative MB to `path` (PNG)."""
+  """Writes accuracy vs round and vs cumulative MB to `path` (PNG): test accuracy, or validation
+  accuracy for a run that never read the test set, over the rounds that were evaluated."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  key = "test_accuracy" if any("test_accuracy" in r for r in rows) else "validation_accuracy"
+  rows = [r for r in rows if key in r]
   rounds = [r["round"] + 1 for r in rows]
-  acc = [r["test_accuracy"] for r in rows]
+  acc = [r[key] for r in rows]
   megabytes = [r["cumulative_bytes"] / 1e6 for r in rows]
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
   ax1.plot(rounds, acc)
   ax1.set_xlabel("round")
-  ax1.set_ylabel("test accuracy")
+  ax1.set_ylabel(key.replace("_", " "))
   ax2.plot(megabytes, acc)
   ax2.set_xlabel("cumulative MB sent (up + down)")
   for ax in (ax1, ax2):

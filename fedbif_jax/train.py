@@ -74,6 +74,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   positive_int("local_epochs", config.local_epochs)
   positive_int("batch_size", config.batch_size)
   positive_int("eval_batch_size", config.eval_batch_size)
+  positive_int("eval_every", config.eval_every)
+  check(isinstance(config.eval_test, bool), "eval_test", "True or False", config.eval_test)
+  check(config.eval_test or config.data.validation != 0, "eval_test",
+        "True unless data.validation > 0 (a run must evaluate on something)", config.eval_test)
   positive_int("checkpoint_every", config.checkpoint_every, lo=0)
   positive_int("lipschitz_every", config.lipschitz_every, lo=0)
   positive_int("lipschitz_iterations", config.lipschitz_iterations)
@@ -148,13 +152,13 @@ def build_job(config: ml_collections.ConfigDict) -> Job:
       config.data.source, name=config.data.name, path=config.data.path,
       data_dir=config.data.data_dir or None, train_subset=config.data.train_subset,
       subset_seed=config.seed, test_subset=config.data.test_subset,
-      normalization=config.data.normalization)
+      normalization=config.data.normalization, validation=config.data.validation)
   parts = data_lib.partition(config.data.partition, dataset.y_train, config.num_clients,
                              np.random.default_rng(config.seed), mu=config.data.mu,
                              min_size=config.data.min_size)
-  log.info("data %s: %d train / %d test; %s", dataset.name, len(dataset.y_train),
-               len(dataset.y_test), data_lib.describe_partition(parts, dataset.y_train,
-                                                               dataset.num_classes))
+  log.info("data %s: %d train / %d validation / %d test; %s", dataset.name,
+           len(dataset.y_train), len(dataset.y_val), len(dataset.y_test),
+           data_lib.describe_partition(parts, dataset.y_train, dataset.num_classes))
   model = get_model(config.model.name, dataset.num_classes)
   predicate = bit_trained_predicate(model, (1,) + dataset.x_train.shape[1:],
                                     config.fedbif.full_precision_first_last)
@@ -286,13 +290,18 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def _summary(rows: list[dict], config) -> dict:
-  accs = [r["test_accuracy"] for r in rows]
-  return {
-      "algorithm": config.algorithm,
-      "rounds": len(rows),
-      "final_accuracy": accs[-1],
-      "best_accuracy": max(accs),
-      "best_round": int(np.argmax(accs)),
+  """The run's summary: accuracy (final, best and its round) on each split that was evaluated
+  (``final_accuracy``/``best_accuracy`` are the test set's, ``*_validation_accuracy`` the
+  held-out validation split's), mean bpp and total bytes."""
+  summary = {"algorithm": config.algorithm, "rounds": len(rows)}
+  for key, prefix in (("test_accuracy", ""), ("validation_accuracy", "validation_")):
+    evaluated = [r for r in rows if key in r]
+    if evaluated:
+      accs = [r[key] for r in evaluated]
+      best = int(np.argmax(accs))
+      summary.update({f"final_{prefix}accuracy": accs[-1], f"best_{prefix}accuracy": accs[best],
+                      f"best_{prefix}round": evaluated[best]["round"]})
+  summary.update({
       "final_sparsity": rows[-1]["sparsity"],
       "mean_uplink_bpp": float(np.mean([r["uplink_bpp"] for r in rows])),
       "mean_downlink_bpp": float(np.mean([r["downlink_bpp"] for r in rows])),
@@ -301,7 +310,8 @@ def _summary(rows: list[dict], config) -> dict:
       "total_bytes": rows[-1]["cumulative_bytes"],
       "total_uplink_bytes": rows[-1]["cumulative_uplink_bytes"],
       "total_downlink_bytes": rows[-1]["cumulative_downlink_bytes"],
-  }
+  })
+  return summary
 
 
 def _format_eta(seconds: float) -> str:
@@ -341,8 +351,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   probe = (metrics_lib.make_lipschitz_probe(job.model, algorithm.eval_variables,
                                             dataset.x_train.shape[1:], config.lipschitz_iterations)
            if config.lipschitz_every else None)
-  evaluate = metrics_lib.make_evaluator(job.model, algorithm.eval_variables, dataset,
-                                        config.eval_batch_size)
+  evaluators = {}  # metrics.jsonl key prefix -> evaluate(server_state)
+  if config.eval_test:
+    evaluators["test"] = metrics_lib.make_evaluator(job.model, algorithm.eval_variables, dataset,
+                                                    config.eval_batch_size)
+  if len(dataset.y_val):
+    evaluators["validation"] = metrics_lib.make_evaluator(
+        job.model, algorithm.eval_variables, dataset, config.eval_batch_size, "validation")
   train_data = runner.place(TrainData(dataset.x_train, dataset.y_train))
 
   # Resume from the last complete checkpoint, if any.
@@ -364,6 +379,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     rows = _read_metrics(metrics_path, start_round)
 
+  # The untrained global model's bound, the reference that learned bounds are compared with.
+  untrained_lipschitz = (probe(server_state, jax.random.fold_in(job.k_server, 1))[0]
+                         if probe and start_round == 0 else None)
   cum_up = rows[-1]["cumulative_uplink_bytes"] if rows else 0.0
   cum_down = rows[-1]["cumulative_downlink_bytes"] if rows else 0.0
   t_start = time.time()
@@ -376,14 +394,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                       plan.mask, plan.keys, train_data)
     new_server_state = aggregate(server_state, downlink, uplinks, plan.info.weights,
                                  client_metrics)
-    test_acc, test_loss = evaluate(new_server_state)
+    evaluated = {}
+    if (t + 1) % config.eval_every == 0 or t + 1 == config.rounds:
+      for split, evaluate in evaluators.items():
+        evaluated[f"{split}_accuracy"], evaluated[f"{split}_loss"] = evaluate(new_server_state)
     host_metrics = jax.device_get(client_metrics)
     train_loss = float(host_metrics["loss_sum"].sum() / max(host_metrics["count"].sum(), 1.0))
-    if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+    losses = {"train": train_loss, **{k[:-5]: v for k, v in evaluated.items() if k.endswith("_loss")}}
+    if not all(math.isfinite(v) for v in losses.values()):
       manager.wait_until_finished()
       raise TrainingDiverged(
-          f"round {t}: non-finite loss (train {train_loss}, test {test_loss}); stopped, the last "
-          f"checkpoint (round {manager.latest_step()}) in {ckpt_dir} is intact; try a smaller lr")
+          f"round {t}: non-finite loss ({', '.join(f'{k} {v}' for k, v in losses.items())}); "
+          f"stopped, the last checkpoint (round {manager.latest_step()}) in {ckpt_dir} is intact; "
+          "try a smaller lr")
     server_state = new_server_state
     store.scatter(ids, new_states)
 
@@ -396,8 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cum_up += sent["uplink_bits"] // 8
     row = {
         "round": t,
-        "test_accuracy": test_acc,
-        "test_loss": test_loss,
+        **evaluated,
         "train_loss": train_loss,
         **sent,
         "cumulative_uplink_bytes": cum_up,
@@ -407,6 +429,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "client_state_bytes": store.nbytes(),
         "wall_seconds": time.time() - t_round,
     }
+    if t == 0 and untrained_lipschitz is not None:
+      row["lipschitz_untrained"] = untrained_lipschitz
     if probe and (t % config.lipschitz_every == 0 or t + 1 == config.rounds):
       row["lipschitz"], histogram = probe(server_state, jax.random.fold_in(plan.round_key, 2))
       if writer:
@@ -418,10 +442,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f.write(json.dumps(row) + "\n")
     done = t + 1 - start_round
     eta = (time.time() - t_start) / done * (config.rounds - t - 1)
-    log.info("round %d/%d  acc %.4f  loss %.4f  train %.4f  up %.3f bpp  down %.3f bpp  "
-                 "sent %.2f MB  sparsity %.3f  %.1fs  eta %s", t + 1, config.rounds, test_acc,
-                 test_loss, train_loss, row["uplink_bpp"], row["downlink_bpp"],
-                 (cum_up + cum_down) / 1e6, row["sparsity"], row["wall_seconds"], _format_eta(eta))
+    shown = "".join(f"  {name} {evaluated[key]:.4f}" for name, key in (
+        ("acc", "test_accuracy"), ("loss", "test_loss"), ("val acc", "validation_accuracy"))
+        if key in evaluated)
+    log.info("round %d/%d%s  train %.4f  up %.3f bpp  down %.3f bpp  sent %.2f MB  "
+             "sparsity %.3f  %.1fs  eta %s", t + 1, config.rounds, shown, train_loss,
+             row["uplink_bpp"], row["downlink_bpp"], (cum_up + cum_down) / 1e6, row["sparsity"],
+             row["wall_seconds"], _format_eta(eta))
     last = t + 1 == config.rounds
     if config.checkpoint_every and ((t + 1) % config.checkpoint_every == 0 or last):
       # Across processes, host copies: every process holds the same values, process 0 writes.

@@ -79,7 +79,7 @@ def test_smoke_variant_runs(tmp_path, name):
 
 
 @pytest.mark.parametrize("override, field, listed", [
-    (dict(model__name="resnet19"), "model.name", "cnn, resnet18, resnet34, vgg11_lite"),
+    (dict(model__name="resnet19"), "model.name", "cnn, cnn_bn, resnet18, resnet34, vgg11_lite"),
     (dict(data__name="cifar1o"), "data.name", "cifar10, cifar100, svhn_cropped"),
 ])
 def test_misspelt_model_or_dataset_lists_the_valid_names(tmp_path, override, field, listed):

@@ -17,13 +17,14 @@ import pytest
 
 from conftest import REPO, small_config
 from fedbif_jax import data as data_lib
+from fedbif_jax import lipschitz
 from fedbif_jax import parallel
 from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax.algorithms.base import RoundInfo
 from fedbif_jax.client import Batches, TrainData, make_local_training
 from fedbif_jax.errors import ConfigError
 from fedbif_jax.models import get_model
-from fedbif_jax.train import TrainingDiverged, train_and_evaluate
+from fedbif_jax.train import TrainingDiverged, build_job, train_and_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +365,13 @@ def test_lipschitz_and_histograms_every_k_rounds(tmp_path):
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert ["lipschitz" in r for r in rows] == [True, False, True]  # rounds 0, 2 (the last)
   assert all(r["lipschitz"] > 0 for r in rows if "lipschitz" in r)
+  # The untrained model's bound, once, in round 0's row: AutoLip of the initial variables.
+  assert ["lipschitz_untrained" in r for r in rows] == [True, False, False]
+  job = build_job(small_config(rounds=3, lipschitz_every=2))
+  expected, _ = lipschitz.lipschitz_upper_bound(job.model, job.variables,
+                                                job.dataset.x_train.shape[1:], jax.random.key(5),
+                                                iterations=300)
+  assert rows[0]["lipschitz_untrained"] == pytest.approx(expected, rel=0.02)
   histograms = [json.loads(l) for l in open(tmp_path / "histograms.jsonl")]
   assert [h["round"] for h in histograms] == [0, 2]
   assert histograms[0]["layer"] == "Dense_1" and len(histograms[0]["counts"]) == 41

@@ -1,5 +1,6 @@
-"""experiments/: the study grids run through train_and_evaluate in smoke mode, resume, refuse a
-changed config, and the report is generated from the run directories."""
+"""experiments/: the study grids (tuning on the validation split, then the tuned table runs), the
+choice rules, a resumable smoke pipeline that refuses a changed config, and the report built
+from the run directories."""
 import json
 import os
 import subprocess
@@ -12,87 +13,142 @@ from experiments import grid as grid_lib
 from experiments import report as report_lib
 
 
+def _tuned(**methods):
+  return {"methods": {m: {"overrides": o} for m, o in methods.items()}}
+
+
 def test_full_grids_have_the_issue_shape():
+  tune = grid_lib.grid_runs("tune")
+  assert len(tune) == len(grid_lib.FEDAVG_LRS) + 2 * 3 * 3
+  assert all(r.overrides["eval_test"] is False and r.overrides["seed"] == 0
+             and r.overrides["data.partition"] == "iid" for r in tune)
   table = grid_lib.grid_runs("table1")
-  assert len(table) == 6 * 3 * 3
-  assert len({r.name for r in table}) == len(table)
-  assert {r.overrides["algorithm"] for r in table} == set(grid_lib.METHODS)
-  assert {(r.overrides["data.partition"], r.overrides["data.mu"]) for r in table} == {
-      ("iid", 0.5), ("dirichlet", 0.5), ("dirichlet", 0.1)}
+  # FedAvg + FedBiF on 3 partitions, FedBiF also with p_k on the two Dirichlet ones, 3 seeds.
+  assert len(table) == (2 * 3 + 2) * 3 and len({r.name for r in table}) == len(table)
+  assert [r.name for r in table[:3]] == ["fedavg-iid-s0", "fedbif-iid-s0", "fedavg-dir0.5-s0"]
+  baselines = grid_lib.grid_runs("baselines")
+  assert len(baselines) == 4 * 3 * 3
+  assert {r.overrides["algorithm"] for r in baselines[:8]} == set(grid_lib.BASELINES)
+  assert all(r.overrides["data.partition"] == "iid" for r in baselines[:4])
   ablations = grid_lib.grid_runs("ablations")
-  assert len(ablations) == 7 * 3
-  assert all(r.overrides["data.mu"] == 0.5 and r.overrides["data.partition"] == "dirichlet"
-             for r in ablations)
-  long = grid_lib.grid_runs("long")
-  assert sorted(r.overrides["algorithm"] for r in long) == sorted(grid_lib.METHODS)
+  assert len(ablations) == 7 * 3 and all(r.overrides["data.mu"] == 0.5 for r in ablations)
   base = grid_lib.study_config("x.npz")
-  assert all(grid_lib.run_config(base, r).rounds == 10 * base.rounds for r in long)
-  # Each run's config is valid for the engine.
+  assert (base.model.name, base.local_epochs, base.batch_size, base.rounds) == ("cnn_bn", 2, 64, 100)
+  assert base.data.train_subset - base.data.validation == 5000  # 500 images a client on IID
+  tuned = _tuned(fedavg={"lr": 0.1}, fedbif={"lr": 0.2, "fedbif.bit_lr_scale": 4.0},
+                 **{m: {"lr": 0.1} for m in grid_lib.BASELINES})
   from fedbif_jax.train import validate_config
-  for r in table + ablations + long:
-    validate_config(grid_lib.run_config(base, r))
-  c = grid_lib.run_config(base, next(r for r in ablations if r.name.startswith("fedbif-2-8")))
-  assert (c.fedbif.bits, c.fedbif.active_bits) == (8, 2)
+  for g in grid_lib.GRIDS:
+    for r in grid_lib.grid_runs(g):
+      validate_config(grid_lib.run_config(base, r, tuned))
+  c = grid_lib.run_config(base, next(r for r in ablations if r.name.startswith("fedbif-2-8")),
+                          tuned)
+  assert (c.fedbif.bits, c.fedbif.active_bits, c.fedbif.bit_lr_scale, c.lr) == (8, 2, 4.0, 0.2)
+  # 100 rounds at s = 1 of m = 8: at least 12 passes over the bits.
+  assert c.rounds // (8 // 1) >= 12
   with pytest.raises(ValueError, match="grid: must be one of"):
     grid_lib.grid_runs("tabel1")
 
 
-def test_smoke_grid_runs_resumes_and_reports(tmp_path):
-  root = str(tmp_path / "study")
+def test_choose_rules_by_hand():
+  cands = {"fedpaq-b2": {}, "fedpaq-b4": {}, "fedpaq-b8": {}}
+  # Coarsest within 1 point of FedAvg's 0.60: b2 is 1.5 points below, b4 0.5 points.
+  assert grid_lib.choose("fedpaq", {"fedpaq-b2": 0.585, "fedpaq-b4": 0.595, "fedpaq-b8": 0.61},
+                         cands, reference=0.60) == "fedpaq-b4"
+  # None keeps accuracy: the best.
+  assert grid_lib.choose("fedpaq", {"fedpaq-b2": 0.4, "fedpaq-b4": 0.5, "fedpaq-b8": 0.45},
+                         cands, reference=0.60) == "fedpaq-b4"
+  lrs = {"a": {}, "b": {}, "c": {}}
+  assert grid_lib.choose("fedavg", {"a": 0.5, "b": None, "c": 0.5}, lrs) == "a"  # tie: first
+  assert grid_lib.choose("fedavg", {"a": 0.5, "b": 0.7, "c": None}, lrs) == "b"
+  with pytest.raises(ValueError, match="every candidate diverged"):
+    grid_lib.choose("fedavg", {"a": None, "b": None, "c": None}, lrs)
+  rows = [{"round": t, "validation_accuracy": a} for t, a in enumerate([0.1, 0.3, 0.5, 0.7])]
+  rows.insert(2, {"round": 9})  # a round without evaluation
+  assert grid_lib.validation_score(rows) == pytest.approx((0.3 + 0.5 + 0.7) / 3)
+
+
+def test_smoke_pipeline_tunes_runs_resumes_and_reports(tmp_path):
+  root, tuned_path = str(tmp_path / "study"), str(tmp_path / "tuned.json")
   base = grid_lib.study_config("", smoke=True)
-  runs = [r for g in grid_lib.GRIDS for r in grid_lib.grid_runs(g, smoke=True)]
-  counts = grid_lib.run_grid(root, runs, base)
-  assert counts == {"done": 0, "ran": len(runs), "failed": 0}
-  assert all(grid_lib.run_status(root, r) == "done" for r in runs)
+  counts = grid_lib.run_pipeline(root, list(grid_lib.GRIDS), base, tuned_path, smoke=True)
+  planned = sum(len(grid_lib.grid_runs(g, smoke=True)) for g in grid_lib.GRIDS)
+  assert counts["ran"] + counts["failed"] == planned and counts["blocked"] == 0
+  tuned = grid_lib.read_tuned(tuned_path)
+  assert set(tuned["methods"]) == set(grid_lib.METHODS)
+  fedavg = tuned["methods"]["fedavg"]
+  assert fedavg["score"] == max(v for v in fedavg["candidates"].values() if v is not None)
+  # Tuning never reads the test set; the table runs use the chosen values.
+  for name in grid_lib.tune_candidates("fedavg", smoke=True):
+    rows = grid_lib.read_jsonl(os.path.join(root, "tune", name, "metrics.jsonl"))
+    assert rows and not any("test_accuracy" in r for r in rows)
+  run = next(r for r in grid_lib.grid_runs("table1", smoke=True) if r.name == "fedbif-dir0.5-s0")
+  stored = json.load(open(os.path.join(grid_lib.run_dir(root, run), "config.json")))
+  for field, value in tuned["methods"]["fedbif"]["overrides"].items():
+    section, _, key = field.rpartition(".")
+    assert (stored[section] if section else stored)[key] == value
 
   # A rerun does nothing; a run without its summary (killed after its last checkpoint) resumes.
-  first = next(r for r in runs if r.grid == "table1")
-  summary_path = os.path.join(grid_lib.run_dir(root, first), "summary.json")
+  summary_path = os.path.join(grid_lib.run_dir(root, run), "summary.json")
   before = json.load(open(summary_path))
   os.remove(summary_path)
-  assert grid_lib.run_status(root, first) == "partial"
-  counts = grid_lib.run_grid(root, runs, base)
-  assert counts == {"done": len(runs) - 1, "ran": 1, "failed": 0}
+  assert grid_lib.run_status(root, run, tuned) == "partial"
+  counts = grid_lib.run_pipeline(root, list(grid_lib.GRIDS), base, tuned_path, smoke=True)
+  assert counts["ran"] == 1
   assert json.load(open(summary_path)) == before
 
   # A run directory made with another config is refused, naming the changed field.
   os.remove(summary_path)
   other = grid_lib.study_config("", smoke=True)
-  other.lr = 0.01
-  with pytest.raises(SystemExit, match="fields lr"):
-    grid_lib.run_grid(root, [first], other)
+  other.local_epochs = 3
+  with pytest.raises(SystemExit, match="fields local_epochs"):
+    grid_lib.run_grid(root, [run], other, tuned)
 
   out = str(tmp_path / "docs" / "RESULTS.md")
-  report_lib.write_report(root, out)
+  report_lib.write_report(root, out, tuned_path, smoke=True)
   text = open(out).read()
-  assert "| FedAvg | 32.000 | 32.000 |" in text
-  assert "| FedBiF-1/4 | 1.000 | 4.000 |" in text
-  assert "± " in text  # two seeds: mean ± std
-  assert "without VBI" in text and "## Long runs" in text
+  assert "## Tuning (validation split only)" in text and "**fedavg-lr" in text
+  assert "| FedAvg | 2 |" in text and "| 32.000 | 32.000 |" in text
+  assert "| FedBiF-1/4 (uniform Eq. 6) | 1 |" in text and "| 1.000 | 4.000 |" in text
+  assert "| FedBiF-1/4 (p_k) | 2 |" in text
+  assert "± " in text and "without VBI" in text and "BatchNorm-free" in text
   assert "holds**" in text  # claims are decided (either way) with numbers
-  for fig in ("convergence", "sparsity", "lipschitz", "histograms", "ablation_bits",
-              "ablation_variants", "long"):
+  assert "table1/fedbif Dir(0.5): 1 of 2 seeds" in text  # the removed summary
+  for fig in ("tuning", "convergence", "sparsity", "lipschitz", "histograms", "ablation_bits",
+              "ablation_variants"):
     path = tmp_path / "docs" / "figures" / f"{fig}.png"
     assert path.exists() and path.stat().st_size > 1000, fig
 
 
+def _write_run(d, rows, summary):
+  d.mkdir(parents=True)
+  (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (d / "summary.json").write_text(json.dumps(summary))
+
+
 def test_report_statistics_match_hand_computation(tmp_path):
-  run_dirs = {}
   for seed, acc in ((0, 0.5), (1, 0.7)):
-    d = tmp_path / "table1" / f"fedavg-iid-s{seed}"
-    d.mkdir(parents=True)
     rows = [{"round": t, "test_accuracy": acc * (t + 1) / 2, "cumulative_bytes": 1e6 * (t + 1),
-             "sparsity": 0.0, "lipschitz": 10.0 + seed} for t in range(2)]
-    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "summary.json").write_text(json.dumps({
-        "final_accuracy": acc, "mean_uplink_bpp": 32.0, "mean_downlink_bpp": 32.0,
-        "total_bytes": 2e6, "final_sparsity": 0.0}))
-    run_dirs[seed] = d
+             "sparsity": 0.0} for t in range(2)]
+    _write_run(tmp_path / "table1" / f"fedavg-iid-s{seed}", rows, {
+        "final_accuracy": acc, "best_accuracy": acc, "mean_uplink_bpp": 32.0,
+        "mean_downlink_bpp": 32.0, "total_bytes": 2e6, "final_sparsity": 0.0})
+  # FedBiF: 0.55 at round 1 then 0.6; bytes 0.1 MB a round.
+  rows = [{"round": t, "test_accuracy": a, "cumulative_bytes": 1e5 * (t + 1), "sparsity": s}
+          for t, (a, s) in enumerate([(0.55, 0.2), (0.6, 0.3)])]
+  _write_run(tmp_path / "table1" / "fedbif-iid-s0", rows, {
+      "final_accuracy": 0.6, "best_accuracy": 0.6, "mean_uplink_bpp": 1.0,
+      "mean_downlink_bpp": 4.0, "total_bytes": 2e5, "final_sparsity": 0.3})
   out = tmp_path / "R.md"
-  report_lib.write_report(str(tmp_path), str(out))
+  report_lib.write_report(str(tmp_path), str(out), str(tmp_path / "none.json"))
   text = out.read_text()
-  # mean 60.0, sample std sqrt(2 * 0.1^2 / 1) = 14.1 over the two seeds; 2 MB.
-  assert "| FedAvg | 32.000 | 32.000 | 60.0 ± 14.1 | 2.0 | 2 |" in text
+  # FedAvg: mean 60.0, sample std sqrt(2 * 0.1^2 / 1) = 14.1; target 0.9 * 0.6 = 54.0%, which
+  # seed 0 (0.25, 0.5) never reaches and seed 1 (0.35, 0.7) reaches at round 2 (2 MB).
+  assert "### IID (target 54.0%)" in text
+  assert "| FedAvg | 2 | 60.0 ± 14.1 | 60.0 ± 14.1 | 32.000 | 32.000 | 2.0 | 2 (1/2) | 2.0 |" in text
+  assert "| FedBiF-1/4 (uniform Eq. 6) | 1 | 60.0 | 60.0 | 1.000 | 4.000 | 0.2 | 1 (1/1) | 0.1 |" in text
+  assert "IID 20.0 → 30.0%" in text  # untrained -> final sparsity
+  assert "FedBiF minus FedAvg (points): IID best +0.0, IID final +0.0" in text
   rounds, mean = report_lib._curve(report_lib.load_runs(str(tmp_path))["table1"][("fedavg", "iid")],
                                    "test_accuracy")
   assert list(rounds) == [0, 1] and list(mean) == pytest.approx([0.3, 0.6])
@@ -101,11 +157,12 @@ def test_report_statistics_match_hand_computation(tmp_path):
 def test_grid_cli_lists_and_rejects_bad_flags(tmp_path):
   run = lambda *a: subprocess.run([sys.executable, "experiments/grid.py", *a], cwd=REPO,
                                   capture_output=True, text=True, timeout=120)
-  listed = run(f"--root={tmp_path}", "--smoke", "--list")
+  listed = run(f"--root={tmp_path}", "--smoke", "--list", f"--tuned={tmp_path}/t.json")
   assert listed.returncode == 0, listed.stderr
-  assert "todo     table1/fedbif-dir0.5-s0" in listed.stdout
+  assert "todo     tune/fedavg-lr0.1" in listed.stdout
+  assert "blocked  table1/fedbif-dir0.5-s0" in listed.stdout  # FedBiF is not tuned yet
   bad = run(f"--root={tmp_path}", "--grids=table2")
-  assert bad.returncode == 2 and "--grids: must be from table1, ablations, long" in bad.stderr
+  assert bad.returncode == 2 and "--grids: must be from tune, table1" in bad.stderr
   missing = run(f"--root={tmp_path}", "--data_path=/nonexistent.npz")
   assert missing.returncode == 2 and "--data_path: no such .npz file" in missing.stderr
   report = subprocess.run([sys.executable, "experiments/report.py", "--root=/nonexistent"],

@@ -36,6 +36,7 @@ CIFAR = (32, 32, 3)
 # name, classes, parameters (BatchNorm scale/bias included, running statistics not), #kernels
 MODEL_CASES = [
     ("cnn", 10, 545_098, 4),
+    ("cnn_bn", 10, 545_194, 4),
     ("vgg11_lite", 10, 7_066_818, 9),
     ("resnet18", 10, 11_173_962, 21),
     ("resnet34", 100, 21_328_292, 37),
@@ -60,10 +61,11 @@ def _count(tree):
 
 
 def test_registry_lists_the_paper_models():
-  assert sorted(MODELS) == ["cnn", "resnet18", "resnet34", "vgg11_lite"]
+  assert sorted(MODELS) == ["cnn", "cnn_bn", "resnet18", "resnet34", "vgg11_lite"]
   with pytest.raises(ConfigError) as info:
     get_model("resnet19", 10)
-  assert str(info.value) == ("model.name: must be one of cnn, resnet18, resnet34, vgg11_lite, "
+  assert str(info.value) == ("model.name: must be one of cnn, cnn_bn, resnet18, resnet34, "
+                             "vgg11_lite, "
                              "got 'resnet19'")
 
 
@@ -77,7 +79,8 @@ def test_parameter_counts(name, classes, params, kernels):
   if name != "cnn":  # conv + BatchNorm: no conv bias
     flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
     biases = [p for p, _ in flat if p[-1].key == "bias" and "bn" not in str(p)]
-    assert [str(b[0].key) for b in biases] == ["head"], biases
+    dense = ["Dense_0", "Dense_1"] if name == "cnn_bn" else ["head"]  # the linear layers
+    assert [str(b[0].key) for b in biases] == dense, biases
     assert _count(variables["batch_stats"]) == 2 * sum(k.shape[-1] for k in conv_kernels)
   else:
     assert "batch_stats" not in variables

@@ -20,6 +20,19 @@ Round t:
    the frozen bits the server already knows. Client weights are the paper's uniform 1/|C^t| or the
    data shares p_k (Sec. 2.1), chosen by the engine. Full-precision leaves are averaged as FedAvg.
 
+The virtual bits' step (an open choice the paper leaves: it tunes one lr for everything). A
+virtual bit i receives lr * alpha * 2^i * dL/dw per SGD step (straight-through), while its
+magnitude is Kaiming-normal by the kernel's fan-in, so bits learn at a rate set by lr, alpha, the
+bit's significance and the initial scale together. Three fields make that explicit:
+``bit_lr_scale`` (c) multiplies the step of every activated bit (biases and BatchNorm keep lr);
+``bit_step="inverse_pow2"`` further scales bit i's step by 2^-i (forward unchanged), so every bit
+moves its weight by the same c * lr * alpha * dL/dw per step and the most significant bit no
+longer moves 2^(m-1) times faster than the least; ``bit_init`` picks the initial scale
+(`bits.init_std`: the kernel's fan-in, or fan-in as PyTorch computes it on the stacked bit
+tensor). Both step fields are implemented as a gradient scale on the activated bits
+(`bits.scale_gradient`), which for plain SGD, the engine's optimizer, is exactly a step scale;
+with the defaults (1, ``uniform``) the program is unchanged.
+
 With ``encoding="sign_magnitude"`` (the "with a sign bit" ablation) bit m-1 is a sign bit; Eq. 6
 no longer holds (the integer is not linear in the bits), so the server recovers each client's
 integers and averages them, the recovery the paper describes in Fig. 1 step 5.
@@ -36,8 +49,26 @@ from fedbif_jax import bits as bits_lib
 from fedbif_jax import quant
 from fedbif_jax import selectors
 from fedbif_jax.algorithms import base
-from fedbif_jax.errors import ConfigError, check
+from fedbif_jax.errors import ConfigError, check, check_positive_number
 from fedbif_jax.wire import Bits
+
+
+# Per-bit step rules: every activated bit at the same scale, or bit i's step scaled by 2^-i.
+BIT_STEPS = ("uniform", "inverse_pow2")
+
+
+def bit_step_scales(active_indices: jax.Array, bit_lr_scale: float, bit_step: str) -> jax.Array:
+  """The step multiplier of each activated bit: float32 [s].
+
+  ``uniform``: bit_lr_scale for each; ``inverse_pow2``: bit_lr_scale * 2^-i for bit i, which
+  cancels the 2^i of Eq. 4 in the bit's straight-through gradient alpha * 2^i * dL/dw.
+  """
+  if bit_step not in BIT_STEPS:
+    raise ValueError(f"fedbif.bit_step: must be one of {', '.join(BIT_STEPS)}, got {bit_step!r}")
+  scales = jnp.full(jnp.shape(active_indices), bit_lr_scale, jnp.float32)
+  if bit_step == "inverse_pow2":
+    scales = scales * 2.0 ** (-jnp.asarray(active_indices, jnp.float32))
+  return scales
 
 
 def _check_client_weights(weights: jax.Array, num_clients: int) -> None:
@@ -158,7 +189,8 @@ def aggregate_by_recovery(active_bits: jax.Array, frozen_bits: jax.Array, active
 
 def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   """FedBiF from a `config.fedbif` ConfigDict (bits, active_bits, selector, order, fixed_bits,
-  encoding, vbi). Validates it eagerly; raises ValueError naming the field."""
+  encoding, vbi, bit_lr_scale, bit_step, bit_init). Validates it eagerly; raises ValueError
+  naming the field."""
   cfg = config.fedbif
   encoding = cfg.get("encoding", "offset")
   check(encoding in quant.ENCODINGS, "fedbif.encoding", f"one of {', '.join(quant.ENCODINGS)}",
@@ -180,6 +212,14 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     raise ConfigError(f"fedbif.{'fixed_bits' if fixed_bits else 'active_bits'}: "
                       f"{str(e).split(': ', 1)[1]}") from None
   use_vbi = bool(cfg.get("vbi", True))
+  bit_lr_scale = cfg.get("bit_lr_scale", 1.0)
+  check_positive_number("fedbif.bit_lr_scale", bit_lr_scale)
+  bit_step = cfg.get("bit_step", "uniform")
+  check(bit_step in BIT_STEPS, "fedbif.bit_step", f"one of {', '.join(BIT_STEPS)}", bit_step)
+  bit_init = cfg.get("bit_init", "fan_in")
+  check(bit_init in bits_lib.BIT_INITS, "fedbif.bit_init",
+        f"one of {', '.join(bits_lib.BIT_INITS)}", bit_init)
+  scaled_steps = bit_lr_scale != 1.0 or bit_step != "uniform"
 
   def init(key, variables):
     del key
@@ -187,7 +227,8 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     return {"params": params, "model_state": model_state, "round": jnp.zeros((), jnp.int32)}
 
   def init_client(key, variables):
-    return {"virtual_bits": bits_lib.init_virtual_bits(key, variables["params"], m, predicate)}
+    return {"virtual_bits": bits_lib.init_virtual_bits(key, variables["params"], m, predicate,
+                                                       bit_init)}
 
   def broadcast(state, key, info):
     del info
@@ -211,7 +252,8 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   def client_start(downlink, client_state, key):
     received = received_bits(downlink)
     own = client_state["virtual_bits"]
-    virtual = bits_lib.inherit(own, received) if use_vbi else bits_lib.reinitialize(key, own, received)
+    virtual = (bits_lib.inherit(own, received) if use_vbi
+               else bits_lib.reinitialize(key, own, received, bit_init))
     # Only the s activated bits are trained (and stepped by SGD each local step); the whole
     # inherited virtual bits ride along untouched in `frozen` until client_finish.
     idx = selectors.active_indices(downlink["active"], s)
@@ -230,8 +272,12 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     after inheritance), with the same gradients.
     """
     idx = selectors.active_indices(downlink["active"], s)
+    scales = bit_step_scales(idx, bit_lr_scale, bit_step)
 
     def leaf(v_active, alpha, q):
+      if scaled_steps:  # the activated bits' step (module docstring); forward unchanged
+        v_active = bits_lib.scale_gradient(
+            v_active, scales.reshape((s,) + (1,) * (v_active.ndim - 1)))
       if encoding != "offset":  # sign-magnitude is not linear in the bits: rebuild all m
         full = quant.to_bits(q.values, m, encoding).astype(jnp.float32)
         return bits_lib.leaf_from_bits(full.at[idx].set(v_active), alpha, downlink["active"], m,

@@ -69,13 +69,15 @@ class Dataset(NamedTuple):
   num_classes: int
   mean: np.ndarray  # float32 [C], per-channel mean of x / 255 (train set or published)
   std: np.ndarray  # float32 [C], per-channel std of x / 255 (train set or published)
+  x_val: np.ndarray  # uint8 [V, H, W, C], held out of the training set (V = 0: none)
+  y_val: np.ndarray  # int32 [V]
 
 
 def load_dataset(source: str, *, name: str = "", path: str = "",
                  split_train: str = "train", split_test: str = "test",
                  data_dir: str | None = None, train_subset: int = 0,
                  subset_seed: int = 0, test_subset: int = 0,
-                 normalization: str = "train_stats") -> Dataset:
+                 normalization: str = "train_stats", validation: int = 0) -> Dataset:
   """Loads a dataset from `source` (one of `SOURCES`).
 
   Args:
@@ -92,9 +94,12 @@ def load_dataset(source: str, *, name: str = "", path: str = "",
       the test subset).
     test_subset: if > 0, keep a random subset of this many test examples.
     normalization: ``train_stats`` or ``published`` (see the module doc).
+    validation: if > 0, hold this many of the (subset) training examples out as a validation
+      split (drawn with ``subset_seed`` on a third stream): they are in ``x_val`` / ``y_val``
+      and no longer in ``x_train``, so no client ever trains on them.
 
   Returns:
-    A `Dataset`; ``train_stats`` mean/std are computed after subsetting.
+    A `Dataset`; ``train_stats`` mean/std are computed after subsetting and holding out.
 
   Raises:
     ConfigError: bad source, name, path, file content, subset size or
@@ -117,12 +122,28 @@ def load_dataset(source: str, *, name: str = "", path: str = "",
   x_train, y_train = _subset(x_train, y_train, train_subset, subset_seed)
   x_test, y_test = _subset(x_test, y_test, test_subset, [subset_seed, 1],
                            field="data.test_subset", split="test")
+  x_train, y_train, x_val, y_val = hold_out(x_train, y_train, validation, [subset_seed, 2])
   if normalization == "published":
     mean, std = published_stats(name, x_train.shape[-1])
   else:
     mean, std = channel_stats(x_train)
   return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean,
-                 std)
+                 std, x_val, y_val)
+
+
+def hold_out(x: np.ndarray, y: np.ndarray, size: int, seed
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Splits a seeded random `size` examples off (x, y): (x_kept, y_kept, x_held, y_held).
+
+  Both parts keep dataset order; ``size == 0`` holds out nothing (empty arrays).
+  """
+  check(isinstance(size, (int, np.integer)) and not isinstance(size, bool)
+        and 0 <= size < len(x), "data.validation",
+        f"0 (none) or a count in 1..{len(x) - 1} (training set size {len(x)} minus one)", size)
+  held = np.zeros(len(x), bool)
+  if size:
+    held[np.random.default_rng(seed).choice(len(x), size, replace=False)] = True
+  return x[~held], y[~held], x[held], y[held]
 
 
 def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

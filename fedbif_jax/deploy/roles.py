@@ -42,6 +42,7 @@ from fedbif_jax import wire
 from fedbif_jax.client import TrainData
 from fedbif_jax.deploy import payload as payload_lib
 from fedbif_jax.deploy.payload import PayloadError
+from fedbif_jax.errors import check
 from fedbif_jax import xla_options
 
 log = logging.getLogger("fedbif_jax")
@@ -90,6 +91,10 @@ class Server:
   """The global model of a deployment and the two halves of its rounds."""
 
   def __init__(self, config: ml_collections.ConfigDict):
+    # A deployment evaluates the test set every round (no validation split, no schedule).
+    check(config.eval_every == 1, "eval_every", "1 in a Flower deployment (it evaluates every "
+          "round)", config.eval_every)
+    check(config.eval_test, "eval_test", "True in a Flower deployment", config.eval_test)
     self.config = config
     self.job = job = train_lib.build_job(config)
     algorithm = job.algorithm
@@ -186,6 +191,10 @@ class Client:
   """One process's client side: local training of whichever client id a message names."""
 
   def __init__(self, config: ml_collections.ConfigDict):
+    # A deployment evaluates the test set every round (no validation split, no schedule).
+    check(config.eval_every == 1, "eval_every", "1 in a Flower deployment (it evaluates every "
+          "round)", config.eval_every)
+    check(config.eval_test, "eval_test", "True in a Flower deployment", config.eval_test)
     self.config = config
     self.job = job = train_lib.build_job(config)
     # One client per message: its steps run on this process's first device only.

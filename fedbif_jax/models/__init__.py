@@ -8,6 +8,7 @@ it. BatchNorm statistics live in the ``batch_stats`` collection (``train=True`` 
 | name | model | parameters (32x32x3 inputs) |
 |---|---|---|
 | ``cnn`` | the small CNN of the engine (`cnn.py`), no BatchNorm | 545,098 (10 classes) |
+| ``cnn_bn`` | the same CNN with BatchNorm after each conv (`cnn.py`), the CPU study's model | 545,194 (10 classes) |
 | ``vgg11_lite`` | VGG11 at 7/8 width with BatchNorm (`vgg.py`), for SVHN | 7,066,818 (10 classes) |
 | ``resnet18`` | CIFAR ResNet-18 (`resnet.py`) | 11,173,962 (10 classes) |
 | ``resnet34`` | CIFAR ResNet-34 (`resnet.py`) | 21,328,292 (100 classes) |
@@ -29,12 +30,13 @@ import jax.numpy as jnp
 
 from fedbif_jax import bits as bits_lib
 from fedbif_jax.errors import check
-from fedbif_jax.models.cnn import SmallCNN
+from fedbif_jax.models.cnn import SmallCNN, SmallCNNBN
 from fedbif_jax.models.resnet import RESNET18_STAGES, RESNET34_STAGES, ResNet
 from fedbif_jax.models.vgg import VGG, VGG11_LITE_WIDTHS
 
 MODELS = {
     "cnn": SmallCNN,
+    "cnn_bn": SmallCNNBN,
     "resnet18": functools.partial(ResNet, stage_sizes=RESNET18_STAGES),
     "resnet34": functools.partial(ResNet, stage_sizes=RESNET34_STAGES),
     "vgg11_lite": functools.partial(VGG, widths=VGG11_LITE_WIDTHS),
