@@ -11,8 +11,8 @@ test images, a Lipschitz bound and last-layer histogram every 10 rounds, checkpo
 Grids, in the order the pipeline runs them (the decisive comparisons first):
 
 * ``tune`` - FedAvg over lr, FedBiF-1/4 over lr x ``bit_lr_scale`` x (bit order, per-bit step
-  rule): IID, seed 0, `TUNE_ROUNDS` rounds, evaluated on the validation split only (the test set
-  is never read: ``eval_test=False``).
+  rule) (`FEDBIF_GRID`): IID, seed 0, `TUNE_ROUNDS` rounds, evaluated on the validation split
+  only (the test set is never read: ``eval_test=False``).
 * ``table1`` - FedAvg vs FedBiF-1/4 at their tuned values, IID / Dir(0.5) / Dir(0.1) x 3 seeds,
   seed-major. FedAvg weights clients by data share p_k (Sec. 2.1, the same as uniform on IID);
   FedBiF runs with the paper's uniform Eq. 6 and, on Dirichlet splits, also with p_k
@@ -41,7 +41,9 @@ Every run goes through `fedbif_jax.train.train_and_evaluate` in its own director
 ``summary.json``; checkpoints are git-ignored). A run with a ``summary.json`` is skipped, a
 half-finished one resumes from its checkpoint, so a killed pipeline is restarted with the same
 command, on this machine or on another with the committed results. A run whose stored
-``config.json`` differs from the config it would get now is refused. A diverged run is recorded
+``config.json`` differs from the config it would get now is refused
+(`fedbif_jax.train.check_resumable`: the pipeline stops with a one-line error naming the changed
+fields; the data file's location may differ). A diverged run is recorded
 in ``<run>/failed.json`` (a failed candidate is never chosen) and the pipeline goes on.
 
   python experiments/grid.py --root=experiments/results --data_path=../shared/data/cifar10.npz
@@ -87,11 +89,16 @@ KEEP_ACCURACY = 0.01     # FedPAQ / FedDQ: coarsest setting within 1 point of Fe
 # Tuning spaces: method -> candidate name -> overrides (FedAvg's tuned lr is added to the
 # baselines' candidates at run time).
 FEDAVG_LRS = (0.02, 0.05, 0.1, 0.2, 0.4)
-FEDBIF_LRS = (0.05, 0.2)
-FEDBIF_BIT_LR_SCALES = (1.0, 4.0, 16.0)
-# (per-bit step rule, bit order): the paper's MSB-first with one step for all bits, LSB-first,
-# and MSB-first with bit i's step scaled by 2^-i.
-FEDBIF_RULES = (("uniform", "msb_first"), ("uniform", "lsb_first"), ("inverse_pow2", "msb_first"))
+# FedBiF candidates (lr, bit_lr_scale, per-bit step rule, bit order), run in this order: the
+# paper's rule (one step for all bits, MSB first) over lr x scale, extended towards a smaller bit
+# step and a larger lr, where the first six runs put the best corner (lr 0.2, scale 1); then
+# LSB first; then MSB first with bit i's step scaled by 2^-i.
+FEDBIF_GRID = (
+    tuple((lr, x, "uniform", "msb_first") for lr in (0.05, 0.2) for x in (1.0, 4.0, 16.0))
+    + ((0.2, 0.25, "uniform", "msb_first"), (0.5, 0.25, "uniform", "msb_first"),
+       (0.5, 1.0, "uniform", "msb_first"))
+    + tuple((lr, x, "uniform", "lsb_first") for lr in (0.05, 0.2) for x in (1.0, 4.0))
+    + tuple((lr, x, "inverse_pow2", "msb_first") for lr in (0.05, 0.2) for x in (1.0, 4.0, 16.0)))
 FEDPAQ_BITS = (2, 4, 8)                     # coarsest first
 FEDDQ_RESOLUTIONS = (0.02, 0.005, 0.001)    # coarsest first
 SIGNSGD_SERVER_LRS = (0.0003, 0.001, 0.003, 0.01)
@@ -170,16 +177,11 @@ def tune_candidates(method: str, smoke: bool = False) -> dict[str, dict]:
     lrs = (0.05, 0.1) if smoke else FEDAVG_LRS
     return {f"fedavg-lr{_fmt(lr)}": {"lr": lr} for lr in lrs}
   if method == "fedbif":
-    lrs, scales, rules = ((0.1,), (1.0, 4.0), FEDBIF_RULES[:1]) if smoke else (
-        FEDBIF_LRS, FEDBIF_BIT_LR_SCALES, FEDBIF_RULES)
-    out = {}
-    for step, order in rules:  # a rule's whole lr x scale block before the next rule
-      for lr in lrs:
-        for scale in scales:
-          name = f"fedbif-lr{_fmt(lr)}-x{_fmt(scale)}-{step}-{order.split('_')[0]}"
-          out[name] = {"lr": lr, "fedbif.bit_lr_scale": scale, "fedbif.bit_step": step,
-                       "fedbif.order": order}
-    return out
+    grid = ((0.1, 1.0, "uniform", "msb_first"), (0.1, 4.0, "uniform", "msb_first")) if smoke \
+        else FEDBIF_GRID
+    return {f"fedbif-lr{_fmt(lr)}-x{_fmt(x)}-{step}-{order.split('_')[0]}":
+            {"lr": lr, "fedbif.bit_lr_scale": x, "fedbif.bit_step": step, "fedbif.order": order}
+            for lr, x, step, order in grid}
   if method == "fedpaq":
     return {f"fedpaq-b{b}": {"fedpaq.bits": b} for b in (FEDPAQ_BITS[:2] if smoke else FEDPAQ_BITS)}
   if method == "feddq":
@@ -378,30 +380,6 @@ def run_status(root: str, run: Run, tuned: Optional[dict] = None) -> str:
   return "todo"
 
 
-def _check_same_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    stored = json.load(f)
-  now = json.loads(config.to_json_best_effort())
-  for c in (stored, now):  # the data file's location may differ between machines
-    c.get("data", {}).pop("path", None)
-  if stored != now:
-    changed = sorted(_diff(stored, now))
-    raise SystemExit(f"error: {workdir} was made with another config (fields {', '.join(changed)});"
-                     " use a fresh --root or delete that run")
-
-
-def _diff(a, b, prefix=""):
-  for k in set(a) | set(b):
-    va, vb = a.get(k), b.get(k)
-    if isinstance(va, dict) and isinstance(vb, dict):
-      yield from _diff(va, vb, prefix + k + ".")
-    elif va != vb:
-      yield prefix + k
-
-
 def run_grid(root: str, runs: list[Run], base: ml_collections.ConfigDict,
              tuned: Optional[dict] = None) -> dict[str, int]:
   """Runs every run not done yet (resuming partial ones); returns counts by outcome."""
@@ -415,7 +393,6 @@ def run_grid(root: str, runs: list[Run], base: ml_collections.ConfigDict,
       continue
     workdir = run_dir(root, run)
     config = run_config(base, run, tuned)
-    _check_same_config(workdir, config)
     log.info("[%d/%d] %s/%s%s", i + 1, len(runs), run.grid, run.name,
              " (resuming)" if status == "partial" else "")
     t = time.time()
@@ -496,7 +473,12 @@ def main(argv):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   from launch import configure_logging
   configure_logging()
-  counts = run_pipeline(FLAGS.root, FLAGS.grids, base, FLAGS.tuned, FLAGS.smoke, FLAGS.only)
+  from fedbif_jax.errors import ConfigError
+  try:
+    counts = run_pipeline(FLAGS.root, FLAGS.grids, base, FLAGS.tuned, FLAGS.smoke, FLAGS.only)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(json.dumps(counts))
 
 

@@ -51,7 +51,7 @@ from fedbif_jax import xla_options
 from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax.algorithms.base import Algorithm, RoundInfo
 from fedbif_jax.client import LocalTraining, TrainData, make_local_training
-from fedbif_jax.errors import check, check_positive_number
+from fedbif_jax.errors import ConfigError, check, check_positive_number
 from fedbif_jax.models import MODELS, bit_trained_predicate, get_model
 
 log = logging.getLogger("fedbif_jax")
@@ -105,6 +105,43 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.data.source == "npz":
     check(bool(config.data.path), "data.path", "the path of an .npz file (--config.data.path=...)",
           config.data.path)
+
+
+# Fields a resumed run may change: where things are and how they run, and `rounds` (extending
+# a finished or interrupted run); every other change would mix two runs in one metrics.jsonl.
+RESUMABLE_CHANGES = frozenset({
+    "rounds", "checkpoint_every", "wire_check_every", "eval_batch_size", "parallel", "unroll",
+    "client_devices", "cpu_devices", "data.path", "data.data_dir", "distributed.enabled",
+    "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id"})
+
+
+def config_changes(stored: dict, now: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the fields that differ between two config dicts (nested), sorted."""
+  changed = []
+  for k in sorted(set(stored) | set(now)):
+    a, b = stored.get(k), now.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      changed += config_changes(a, b, f"{prefix}{k}.")
+    elif a != b:
+      changed.append(prefix + k)
+  return changed
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses to continue a run in `workdir` that was made with another config (apart from
+  `RESUMABLE_CHANGES`); a workdir without a config.json is new. Raises ConfigError naming the
+  changed fields."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  changed = [k for k in config_changes(stored, json.loads(config.to_json_best_effort()))
+             if k not in RESUMABLE_CHANGES]
+  if changed:
+    raise ConfigError(f"workdir: {workdir} holds a run made with another config (changed: "
+                      f"{', '.join(changed)}); use a fresh --workdir, or the same config to "
+                      "resume it")
 
 
 def _sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
@@ -327,7 +364,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     TrainingDiverged: a NaN/inf loss; the last good checkpoint is kept.
   """
   job = build_job(config)  # validates the config first
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"workdir: must be a directory that exists or can be made, got {workdir!r} "
+                      f"({e.strerror})") from None
+  check_resumable(workdir, config)
   algorithm, dataset = job.algorithm, job.dataset
   # Multi-process jobs (jax.distributed): every process runs this loop on the same inputs; only
   # process 0 writes files (orbax coordinates the checkpoint writes itself).
@@ -405,8 +447,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       manager.wait_until_finished()
       raise TrainingDiverged(
           f"round {t}: non-finite loss ({', '.join(f'{k} {v}' for k, v in losses.items())}); "
-          f"stopped, the last checkpoint (round {manager.latest_step()}) in {ckpt_dir} is intact; "
-          "try a smaller lr")
+          + (f"stopped, the last checkpoint (round {manager.latest_step()}) in {ckpt_dir} is "
+             "intact; " if manager.latest_step() is not None else
+             "stopped before any checkpoint was written; ") + "try a smaller lr")
     server_state = new_server_state
     store.scatter(ids, new_states)
 

@@ -64,3 +64,44 @@ def test_sigkill_then_rerun_resumes_to_the_same_summary(tmp_path):
   assert json.loads((workdir / "summary.json").read_text()) == expected
   rows = [json.loads(l) for l in metrics.read_text().splitlines()]
   assert [r["round"] for r in rows] == list(range(12))
+
+
+def _one_error_line(result, *fragments):
+  assert result.returncode == 2, result.stderr
+  assert "Traceback" not in result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and all(f in errors[0] for f in fragments), result.stderr
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path):
+  workdir = tmp_path / "run"
+  first = _launch(workdir, "--config.rounds=2", "--config.checkpoint_every=1")
+  assert first.returncode == 0, first.stderr
+  changed = _launch(workdir, "--config.rounds=4", "--config.checkpoint_every=1",
+                    "--config.lr=0.3", "--config.local_epochs=1")
+  _one_error_line(changed, "workdir:", "another config (changed: local_epochs, lr)")
+  rows = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert len(rows) == 2  # nothing was trained on or appended
+  # Extending the same run is allowed: rounds may change.
+  longer = _launch(workdir, "--config.rounds=3", "--config.checkpoint_every=1")
+  assert longer.returncode == 0 and "resumed from" in longer.stderr, longer.stderr
+  assert [json.loads(l)["round"] for l in (workdir / "metrics.jsonl").read_text().splitlines()] \
+      == [0, 1, 2]
+
+
+def test_a_workdir_under_a_file_is_one_line(tmp_path):
+  (tmp_path / "file").write_text("x")
+  _one_error_line(_launch(tmp_path / "file" / "run"), "workdir: must be a directory")
+
+
+def test_disjoint_train_and_test_labels_are_refused(tmp_path):
+  import numpy as np
+  rng = np.random.default_rng(0)
+  path = tmp_path / "shifted.npz"
+  np.savez(path, x_train=rng.integers(0, 255, (60, 8, 8, 1), dtype=np.uint8),
+           y_train=rng.integers(100, 110, 60), x_test=rng.integers(0, 255, (20, 8, 8, 1),
+                                                                     dtype=np.uint8),
+           y_test=rng.integers(0, 10, 20))
+  result = _launch(tmp_path / "run", "--config.data.source=npz", f"--config.data.path={path}")
+  _one_error_line(result, "data: no test label occurs in the training set",
+                  "train labels 100..109", "test labels 0..9")

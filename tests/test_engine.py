@@ -18,6 +18,7 @@ import pytest
 from conftest import REPO, small_config
 from fedbif_jax import data as data_lib
 from fedbif_jax import lipschitz
+from fedbif_jax import metrics as metrics_lib
 from fedbif_jax import parallel
 from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax.algorithms.base import RoundInfo
@@ -255,16 +256,33 @@ def test_bad_config_names_the_field(tmp_path, overrides, field):
   assert "\n" not in message
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
-  train_and_evaluate(small_config(algorithm="fedavg", rounds=2, checkpoint_every=1), str(tmp_path))
-  with pytest.raises(TrainingDiverged, match="non-finite loss"):
-    train_and_evaluate(small_config(algorithm="fedavg", rounds=4, checkpoint_every=1, lr=1e30),
-                       str(tmp_path))
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+  real = metrics_lib.make_evaluator
+  calls = []
+
+  def flaky(*args, **kwargs):  # the third evaluation (round 2) sees a NaN loss
+    evaluate = real(*args, **kwargs)
+
+    def wrapped(state):
+      calls.append(1)
+      acc, loss = evaluate(state)
+      return (acc, float("nan")) if len(calls) == 3 else (acc, loss)
+    return wrapped
+
+  monkeypatch.setattr(metrics_lib, "make_evaluator", flaky)
+  config = small_config(algorithm="fedavg", rounds=4, checkpoint_every=1)
+  with pytest.raises(TrainingDiverged, match=r"round 2: non-finite loss \(train [0-9.]+, test "
+                     r"nan\); stopped, the last checkpoint \(round 2\)"):
+    train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
-  # The kept checkpoint still resumes: the original lr finishes rounds 2-3 from it.
-  summary = train_and_evaluate(small_config(algorithm="fedavg", rounds=4, checkpoint_every=1),
-                               str(tmp_path))
+  # The kept checkpoint resumes the same run: rounds 2-3 are trained from it.
+  monkeypatch.undo()
+  summary = train_and_evaluate(config, str(tmp_path))
   assert summary["rounds"] == 4
+  # A run that diverges before its first checkpoint says so.
+  with pytest.raises(TrainingDiverged, match="stopped before any checkpoint was written"):
+    train_and_evaluate(small_config(algorithm="fedavg", lr=1e30, checkpoint_every=1),
+                       str(tmp_path / "fresh"))
 
 
 @pytest.mark.parametrize("backend,unroll", [("sequential", 3), ("vmap", 1), ("sharded", 1)])

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 from experiments import grid as grid_lib
 from experiments import report as report_lib
+from fedbif_jax.errors import ConfigError
 
 
 def _tuned(**methods):
@@ -19,7 +20,7 @@ def _tuned(**methods):
 
 def test_full_grids_have_the_issue_shape():
   tune = grid_lib.grid_runs("tune")
-  assert len(tune) == len(grid_lib.FEDAVG_LRS) + 2 * 3 * 3
+  assert len(tune) == len(grid_lib.FEDAVG_LRS) + len(grid_lib.FEDBIF_GRID)
   assert all(r.overrides["eval_test"] is False and r.overrides["seed"] == 0
              and r.overrides["data.partition"] == "iid" for r in tune)
   table = grid_lib.grid_runs("table1")
@@ -101,7 +102,7 @@ def test_smoke_pipeline_tunes_runs_resumes_and_reports(tmp_path):
   os.remove(summary_path)
   other = grid_lib.study_config("", smoke=True)
   other.local_epochs = 3
-  with pytest.raises(SystemExit, match="fields local_epochs"):
+  with pytest.raises(ConfigError, match=r"another config \(changed: local_epochs\)"):
     grid_lib.run_grid(root, [run], other, tuned)
 
   out = str(tmp_path / "docs" / "RESULTS.md")

@@ -119,6 +119,10 @@ def load_dataset(source: str, *, name: str = "", path: str = "",
   else:
     name, arrays = _load_tfds(name, split_train, split_test, data_dir)
   x_train, y_train, x_test, y_test, num_classes = arrays
+  if len(y_train) and len(y_test) and not np.isin(y_test, y_train).any():
+    raise ConfigError(
+        f"data: no test label occurs in the training set (train labels "
+        f"{_label_range(y_train)}, test labels {_label_range(y_test)}): accuracy could only be 0")
   x_train, y_train = _subset(x_train, y_train, train_subset, subset_seed)
   x_test, y_test = _subset(x_test, y_test, test_subset, [subset_seed, 1],
                            field="data.test_subset", split="test")
@@ -129,6 +133,10 @@ def load_dataset(source: str, *, name: str = "", path: str = "",
     mean, std = channel_stats(x_train)
   return Dataset(name, x_train, y_train, x_test, y_test, num_classes, mean,
                  std, x_val, y_val)
+
+
+def _label_range(y: np.ndarray) -> str:
+  return f"{int(y.min())}..{int(y.max())}"
 
 
 def hold_out(x: np.ndarray, y: np.ndarray, size: int, seed
