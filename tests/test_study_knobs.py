@@ -248,3 +248,24 @@ def test_a_flower_deployment_refuses_an_evaluation_schedule(make_config):
     roles.Server(make_config(eval_every=2))
   with pytest.raises(ConfigError, match="eval_test: must be True in a Flower deployment"):
     roles.Server(make_config(eval_test=False, data__validation=100))
+
+
+def test_study_config_is_the_tuned_table_run(tmp_path, monkeypatch):
+  from configs import cifar10_study
+  from experiments import grid
+  tuned = {"methods": {"fedavg": {"overrides": {"lr": 0.1}},
+                       "fedbif": {"overrides": {"lr": 0.2, "fedbif.bit_lr_scale": 4.0,
+                                                "fedbif.bit_step": "inverse_pow2"}}}}
+  path = tmp_path / "tuned.json"
+  path.write_text(json.dumps(tuned))
+  monkeypatch.setattr(grid, "DEFAULT_TUNED", str(path))
+  base = grid.study_config("")
+  for method in ("fedavg", "fedbif"):
+    config = cifar10_study.get_config(method)
+    run = next(r for r in grid.grid_runs("table1") if r.name == f"{method}-iid-s0")
+    assert config.to_dict() == grid.run_config(base, run, tuned).to_dict()
+  assert cifar10_study.get_config().fedbif.bit_step == "inverse_pow2"  # default: FedBiF
+  with pytest.raises(ConfigError, match="config: feddq has no tuned values"):
+    cifar10_study.get_config("feddq")
+  with pytest.raises(ConfigError, match="config: must be one of fedavg"):
+    cifar10_study.get_config("fedprox")
