@@ -463,7 +463,13 @@ def claims(table, abl, partitions, targets) -> list[str]:
     if targets.get(p) and fb and fa:
       hit = lambda runs: [reach(r, targets[p]) for r in runs if r["summary"]]
       hb, ha = [h for h in hit(fb) if h], [h for h in hit(fa) if h]
-      if hb and ha:
+      if ha and not hb:
+        out.append(f"- *FedBiF needs far fewer bytes to reach a given accuracy* "
+                   f"({PARTITION_LABELS[p]}, target {100 * targets[p]:.1f}%): "
+                   f"{_verdict(False)}. FedBiF never reaches the target (0/{len(hit(fb))} seeds); "
+                   f"FedAvg does at {np.mean([h[1] for h in ha]):.1f} MB (round "
+                   f"{np.mean([h[0] for h in ha]):.0f}).")
+      elif hb and ha:
         out.append(f"- *FedBiF needs far fewer bytes to reach a given accuracy* "
                    f"({PARTITION_LABELS[p]}, target {100 * targets[p]:.1f}%): "
                    f"{_verdict(np.mean([h[1] for h in hb]) < np.mean([h[1] for h in ha]))}. "
