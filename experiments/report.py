@@ -570,8 +570,8 @@ def write_report(root: str, out: str, tuned_path: str = DEFAULT_TUNED, smoke: bo
       os.remove(os.path.join(fig_dir, name))
   rel = lambda name: os.path.relpath(os.path.join(fig_dir, name), os.path.dirname(out) or ".")
   partitions = [p for p in PARTITIONS if any(k[1] == p for k in table)]
-  everything = [r for g, grid in runs.items() for rs in (grid.values()) for r in
-                (rs if isinstance(rs, list) else [rs])]
+  everything = list(tune.values()) + [r for grid, cells in runs.items() if grid != "tune"
+                                      for rs in cells.values() for r in rs]
   configs = [r["config"] for r in everything if r["config"]]
   example = next((c for c in configs if c.get("eval_test", True)), configs[0] if configs else None)
   lines = ["# Results: a fair test of FedBiF at CPU scale", "",

@@ -9,7 +9,6 @@ metrics, and the folded BatchNorm of ``cnn_bn`` against a hand-written per-chann
 """
 import json
 import math
-import os
 
 import flax.linen as nn
 import jax
@@ -22,7 +21,6 @@ from fedbif_jax import data as data_lib
 from fedbif_jax import lipschitz
 from fedbif_jax import metrics as metrics_lib
 from fedbif_jax import models as models_lib
-from fedbif_jax import selectors
 from fedbif_jax.algorithms import fedbif as fedbif_lib
 from fedbif_jax.errors import ConfigError
 from fedbif_jax.train import build_job, train_and_evaluate
