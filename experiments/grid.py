@@ -28,6 +28,8 @@ Grids, in the order the pipeline runs them (the decisive comparisons first):
   (third bit) and the random selector (Fig. 4).
 * ``bridge`` - the BatchNorm-free ``cnn`` on IID, seed 0, FedAvg and FedBiF at their tuned
   values: the link to the earlier, BatchNorm-free study.
+* ``beyond`` - what the paper leaves open (`BEYOND`), each against table1's default FedBiF
+  (uniform Eq. 6): IID and Dir(0.5) x 3 seeds, seed-major.
 
 Tuning: a candidate's score is its mean validation accuracy over its last `SCORE_EVALS`
 evaluations. `choose` writes the chosen values of every method whose candidates have all
@@ -113,7 +115,11 @@ ABLATIONS = {
     "fixed_selector": {"fedbif.selector": "fixed"},
     "random_selector": {"fedbif.selector": "random"},
 }
-GRIDS = ("tune", "table1", "tune_baselines", "baselines", "ablations", "bridge")
+# name -> overrides of the tuned FedBiF-1/4: the directions the paper leaves open (Sec. 6).
+BEYOND = {
+    "flip_rate": {"fedbif.selector": "flip_rate"},
+}
+GRIDS = ("tune", "table1", "tune_baselines", "baselines", "ablations", "bridge", "beyond")
 TUNE_GRIDS = ("tune", "tune_baselines")
 
 
@@ -245,6 +251,12 @@ def grid_runs(grid: str, smoke: bool = False) -> list[Run]:
   elif grid == "bridge":
     for method in ("fedavg", "fedbif"):
       table_run(grid, f"{method}-cnn", method, "iid", 0, {"model.name": "cnn"})
+  elif grid == "beyond":
+    for seed in seeds[:1] if smoke else seeds:
+      for partition in ("dir0.5",) if smoke else ("iid", "dir0.5"):
+        for name, overrides in BEYOND.items():
+          table_run(grid, name, "fedbif", partition, seed,
+                    {"aggregation_weights": "uniform", **overrides})
   else:
     raise ValueError(f"grid: must be one of {', '.join(GRIDS)}, got {grid!r}")
   return runs

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.grid import (ABLATIONS, BASELINES, DEFAULT_TUNED, PARTITIONS,  # noqa: E402
+from experiments.grid import (ABLATIONS, BASELINES, BEYOND, DEFAULT_TUNED, PARTITIONS,  # noqa: E402
                               grid_runs, read_jsonl, read_tuned, tune_candidates)
 
 LABELS = {"fedavg": "FedAvg", "signsgd": "SignSGD", "fedpaq": "FedPAQ", "feddq": "FedDQ",
@@ -43,7 +43,8 @@ LABELS = {"fedavg": "FedAvg", "signsgd": "SignSGD", "fedpaq": "FedPAQ", "feddq":
           "fedbif-2-4": "FedBiF-2/4", "fedbif-2-8": "FedBiF-2/8", "sign_bit": "with sign bit",
           "no_vbi": "without VBI", "fixed_selector": "fixed selector (3rd bit)",
           "random_selector": "random selector", "fedavg-cnn": "FedAvg, BN-free CNN",
-          "fedbif-cnn": "FedBiF-1/4, BN-free CNN"}
+          "fedbif-cnn": "FedBiF-1/4, BN-free CNN",
+          "flip_rate": "FedBiF-1/4, flip_rate selector (ours)"}
 TABLE_VARIANTS = ("fedavg",) + BASELINES + ("fedbif", "fedbif-pk")
 PARTITION_LABELS = {"iid": "IID", "dir0.5": "Dir(0.5)", "dir0.1": "Dir(0.1)"}
 RUN_NAME = re.compile(r"^(?P<variant>.+)-(?P<partition>iid|dir0\.5|dir0\.1)-s(?P<seed>\d+)$")
@@ -291,6 +292,60 @@ def tuning_section(tune: dict, tuned: dict, smoke: bool, rel, fig_dir) -> list[s
   return lines + [""]
 
 
+def _result_cells(runs: list[dict], target) -> str:
+  """A results row after its label: seeds | best | final | up bpp | down bpp | total MB |
+  rounds to target | MB to target (means over the finished runs)."""
+  failed = sum(bool(r["failed"]) for r in runs)
+  done = [r for r in runs if r["summary"]]
+  best = _pct(*_summary_stat(done, "best_accuracy"), failed)
+  final = _pct(*_summary_stat(done, "final_accuracy"), failed)
+  up, down = _summary_stat(done, "mean_uplink_bpp")[0], _summary_stat(done, "mean_downlink_bpp")[0]
+  mb = _summary_stat(done, "total_bytes")[0]
+  reached = [reach(r, target) for r in done] if target else []
+  hits = [x for x in reached if x]
+  to_round = (f"{np.mean([h[0] for h in hits]):.0f} ({len(hits)}/{len(done)})" if hits
+              else ("never" if reached else "-"))
+  to_mb = f"{np.mean([h[1] for h in hits]):.1f}" if hits else "-"
+  bpp = f"{up:.3f} | {down:.3f} | {mb / 1e6:.1f}" if up is not None else "- | - | -"
+  return f"{len(runs)} | {best} | {final} | {bpp} | {to_round} | {to_mb}"
+
+
+def _within_noise(a, b) -> bool:
+  """Means (mean, std, n) a and b differ by less than twice the larger sample std (n > 1 each)."""
+  return abs(a[0] - b[0]) < 2 * max(a[1], b[1]) if a[2] > 1 and b[2] > 1 else False
+
+
+def beyond_section(table, beyond, targets) -> list[str]:
+  """Each direction the paper leaves open against default FedBiF-1/4 (Table 1's runs)."""
+  lines = ["## Beyond the paper: its open directions against default FedBiF-1/4", "",
+           "Same setup and tuned values as Table 1; each variant changes one thing "
+           "(`experiments/grid.py:BEYOND`). Columns as in Table 1 (target: Table 1's).", ""]
+  verdicts = []
+  for p in ("iid", "dir0.5"):
+    rows = [(v, beyond.get((v, p), [])) for v in BEYOND]
+    if not any(rs for _, rs in rows):
+      continue
+    reference = table.get(("fedbif", p), [])
+    lines += [f"### {PARTITION_LABELS[p]}", "",
+              "| variant | seeds | best acc | final acc | up bpp | down bpp | total MB | "
+              "rounds to target | MB to target |", "|---|---|---|---|---|---|---|---|---|"]
+    for v, rs in [("fedbif", reference)] + rows:
+      if rs:
+        lines.append(f"| {LABELS[v]} | {_result_cells(rs, targets.get(p))} |")
+    lines.append("")
+    for v, rs in rows:
+      mine, ref = _mean(rs, "best_accuracy"), _mean(reference, "best_accuracy")
+      if mine[0] is None or ref[0] is None:
+        continue
+      gap = 100 * (mine[0] - ref[0])
+      word = ("no better (within noise)" if _within_noise(mine, ref)
+              else "better" if gap > 0 else "worse")
+      verdicts.append(f"- {LABELS[v]}, {PARTITION_LABELS[p]}: {word}: best accuracy "
+                      f"{gap:+.1f} points against default FedBiF-1/4 ({mine[2]} vs {ref[2]} "
+                      "seeds).")
+  return lines + verdicts + ([""] if verdicts else [])
+
+
 def table_section(table: dict, partitions: list[str], rel, fig_dir) -> tuple[list[str], dict]:
   """Table 1 per partition; returns the lines and {partition: target}."""
   lines = ["## Table 1", "",
@@ -309,22 +364,8 @@ def table_section(table: dict, partitions: list[str], rel, fig_dir) -> tuple[lis
               "rounds to target | MB to target |", "|---|---|---|---|---|---|---|---|---|"]
     for v in TABLE_VARIANTS:
       runs = table.get((v, p), [])
-      if not runs:
-        continue
-      failed = sum(bool(r["failed"]) for r in runs)
-      done = [r for r in runs if r["summary"]]
-      best = _pct(*_summary_stat(done, "best_accuracy"), failed)
-      final = _pct(*_summary_stat(done, "final_accuracy"), failed)
-      up, down = _summary_stat(done, "mean_uplink_bpp")[0], _summary_stat(done, "mean_downlink_bpp")[0]
-      mb = _summary_stat(done, "total_bytes")[0]
-      reached = [reach(r, target) for r in done] if target else []
-      hits = [x for x in reached if x]
-      to_round = (f"{np.mean([h[0] for h in hits]):.0f} ({len(hits)}/{len(done)})" if hits
-                  else ("never" if reached else "-"))
-      to_mb = f"{np.mean([h[1] for h in hits]):.1f}" if hits else "-"
-      bpp = f"{up:.3f} | {down:.3f} | {mb / 1e6:.1f}" if up is not None else "- | - | -"
-      lines.append(f"| {LABELS[v]} | {len(runs)} | {best} | {final} | {bpp} | {to_round} | "
-                   f"{to_mb} |")
+      if runs:
+        lines.append(f"| {LABELS[v]} | {_result_cells(runs, target)} |")
     lines.append("")
   variants = [v for v in TABLE_VARIANTS if any(k[0] == v for k in table)]
   figure_convergence(table, partitions, variants, os.path.join(fig_dir, "convergence.png"))
@@ -430,7 +471,7 @@ def claims(table, abl, partitions, targets) -> list[str]:
   """The paper's claims, each with the numbers that decide it at this scale (means over seeds;
   a gap is called within noise when smaller than twice the larger sample std)."""
   out = []
-  noise = lambda a, b: abs(a[0] - b[0]) < 2 * max(a[1], b[1]) if a[2] > 1 and b[2] > 1 else False
+  noise = _within_noise
   for p in partitions:
     mine = _mean(table.get(("fedbif", p), []), "best_accuracy")
     if mine[0] is None:
@@ -543,7 +584,7 @@ def claims(table, abl, partitions, targets) -> list[str]:
 def coverage(runs: dict, smoke: bool) -> list[str]:
   """Which planned cells are missing or have fewer seeds than planned."""
   planned = defaultdict(set)
-  for grid in TABLE_GRIDS + ("ablations", "bridge"):
+  for grid in TABLE_GRIDS + ("ablations", "bridge", "beyond"):
     for r in grid_runs(grid, smoke):
       m = RUN_NAME.match(r.name)
       planned[(grid, m["variant"], m["partition"])].add(int(m["seed"]))
@@ -607,6 +648,8 @@ def write_report(root: str, out: str, tuned_path: str = DEFAULT_TUNED, smoke: bo
     lines += ablation_section(table, abl, rel, fig_dir)
   if bridge:
     lines += bridge_section(bridge)
+  if runs.get("beyond"):
+    lines += beyond_section(table, runs["beyond"], targets)
   found = claims(table, abl, partitions, targets)
   lines += ["## The paper's claims, re-judged at this scale", ""]
   lines += found or ["No claim can be checked yet: too few finished runs."]

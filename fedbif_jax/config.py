@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fedbif = ml_collections.ConfigDict()
   c.fedbif.bits = 4                # m, 1..8
   c.fedbif.active_bits = 1         # s, 1..m; must divide m for the sequential selector
-  c.fedbif.selector = "sequential"  # sequential | fixed | random
+  c.fedbif.selector = "sequential"  # sequential | fixed | random | flip_rate (ours, adaptive)
   c.fedbif.order = "msb_first"     # sequential: start at the most (msb_first) or least significant bit
   c.fedbif.fixed_bits = ()         # fixed: bit indices; () = the paper's "third bit" (m - 3)
   c.fedbif.encoding = "offset"     # offset (Eq. 4) | sign_magnitude (the sign-bit ablation)

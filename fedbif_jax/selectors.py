@@ -10,6 +10,16 @@ A selector returns a bool mask of shape [m] shared by every client and every lay
   from the most significant bit (the paper calls the MSB "the first one", Sec. 4.4) the third bit
   is bit index m-3, which `fixed_third_bit` returns.
 * `random` - s distinct bits drawn uniformly from the round's key.
+* `flip_rate` - ours, beyond the paper (Sec. 6 leaves "better bit selection strategies" open):
+  adaptive, from what the server already holds after a round, so no extra uplink. Aggregation
+  sees, for each activated bit plane, the share of the clients' uploaded bits that disagree with
+  the bit it broadcast (the plane's *flip rate*: how much the clients want that plane to change).
+  The selector keeps an exponential average of each plane's flip rate (updated only when the
+  plane was active) and how many rounds each plane has been idle, and activates the s planes with
+  the highest score (rate + FLIP_RATE_FLOOR) * (1 + idle), ties broken by `order`. Planes that
+  the clients keep flipping come back sooner; a plane nobody flips still returns, as its idle
+  count grows. With equal rates the score is the idle count alone and the selector reduces to
+  the sequential one: `flip_rate_select` from `flip_rate_init` reproduces `sequential`'s cycle.
 
 Bit index i is the bit of weight 2^i (see `quant.to_bits`).
 """
@@ -23,7 +33,13 @@ import numpy as np
 
 from fedbif_jax import quant
 
-SELECTORS = ("sequential", "fixed", "random")
+SELECTORS = ("sequential", "fixed", "random", "flip_rate")
+# Selectors whose mask depends on state the server updates after each round (not on t and a key).
+STATEFUL_SELECTORS = ("flip_rate",)
+# flip_rate: a plane with no flips keeps this much score, so its idle count brings it back.
+FLIP_RATE_FLOOR = 0.01
+# flip_rate: weight of the previous average in the exponential average of a plane's flip rate.
+FLIP_RATE_DECAY = 0.5
 ORDERS = ("msb_first", "lsb_first")
 
 
@@ -86,6 +102,59 @@ def random(key: jax.Array, m: int, s: int) -> jax.Array:
   return jnp.zeros((m,), bool).at[chosen].set(True)
 
 
+def _order_rank(m: int, order: str) -> jax.Array:
+  """Tie-break rank of each bit (0 = first): msb_first prefers high bits, lsb_first low ones."""
+  idx = jnp.arange(m, dtype=jnp.int32)
+  return (m - 1 - idx) if order == "msb_first" else idx
+
+
+def flip_rate_init(m: int) -> dict:
+  """The `flip_rate` selector's state before round 0: every plane at rate 1 (the most it can be,
+  so untried planes come first), none idle. ``{"rate": float32 [m], "idle": int32 [m]}``."""
+  m = quant.check_bits(m)
+  return {"rate": jnp.ones((m,), jnp.float32), "idle": jnp.zeros((m,), jnp.int32)}
+
+
+def flip_rate_select(stats: dict, s: int, order: str = "msb_first") -> jax.Array:
+  """The s bits of highest score (rate + FLIP_RATE_FLOOR) * (1 + idle); ties go by `order`.
+
+  Returns bool [m] with exactly s True entries.
+  """
+  m = stats["rate"].shape[0]
+  check_active_bits(m, s)
+  if order not in ORDERS:
+    raise ValueError(f"order: must be one of {', '.join(ORDERS)}, got {order!r}")
+  score = (stats["rate"] + FLIP_RATE_FLOOR) * (1.0 + stats["idle"].astype(jnp.float32))
+  by_rank = jnp.argsort(_order_rank(m, order))          # bits in tie-break order
+  best = by_rank[jnp.argsort(-score[by_rank], stable=True)][:s]
+  return jnp.zeros((m,), bool).at[best].set(True)
+
+
+def flip_rate_update(stats: dict, active: jax.Array, rates: jax.Array,
+                     decay: float = FLIP_RATE_DECAY) -> dict:
+  """The state after a round with mask `active` whose planes flipped at `rates` (float [m], read
+  only where active): active planes' rates averaged in, their idle count reset, others idle + 1."""
+  rate = jnp.where(active, decay * stats["rate"] + (1.0 - decay) * rates, stats["rate"])
+  idle = jnp.where(active, 0, stats["idle"] + 1)
+  return {"rate": rate.astype(jnp.float32), "idle": idle.astype(jnp.int32)}
+
+
+def disagreements(uploaded_bits: jax.Array, broadcast_bits: jax.Array,
+                  weights: jax.Array) -> jax.Array:
+  """Per activated plane, the client-weighted count of uploaded bits that differ from the
+  broadcast bit: sum_k p_k sum_w |b_k,i(w) - b_i(w)|, float32 [s].
+
+  Args:
+    uploaded_bits: [C, s, ...] 0/1, the clients' activated bits.
+    broadcast_bits: [s, ...] 0/1, the same planes of the integers the server sent.
+    weights: float [C], the aggregation weights (summing to 1).
+  Divide by the plane's size to get the flip rate.
+  """
+  differ = jnp.abs(uploaded_bits.astype(jnp.float32) - broadcast_bits.astype(jnp.float32)[None])
+  per_client = jnp.sum(differ.reshape(differ.shape[:2] + (-1,)), axis=-1)   # [C, s]
+  return jnp.tensordot(weights.astype(jnp.float32), per_client, axes=1)
+
+
 def active_indices(mask: jax.Array, s: int) -> jax.Array:
   """The s active bit indices of a mask, ascending: int32 [s] (static size, jit-friendly)."""
   return jnp.nonzero(mask, size=s)[0].astype(jnp.int32)
@@ -116,4 +185,6 @@ def make_selector(name: str, m: int, s: int, order: str = "msb_first",
     return lambda t, key: mask
   if name == "random":
     return lambda t, key: random(key, m, s)
+  if name in STATEFUL_SELECTORS:
+    raise ValueError(f"selector: {name!r} reads the server's state; use flip_rate_select")
   raise ValueError(f"selector: must be one of {', '.join(SELECTORS)}, got {name!r}")

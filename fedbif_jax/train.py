@@ -22,11 +22,15 @@ runs this loop; clients are sharded over the global device mesh, and only proces
 
 What a run derives from its config (`build_job`: data, partition, model, algorithm, local
 training, initial variables, keys), the plan of round t (`plan_round`: steps 1 and 3's clients,
-weights, schedule and keys) and the traffic figures of step 5 (`traffic`) are public so that the
-Flower deployment (`fedbif_jax/deploy/`) computes the very same rounds in other processes.
+weights, schedule and keys; `sample_clients`: step 1 alone) and the traffic figures of step 5
+(`traffic`) are public so that the Flower deployment (`fedbif_jax/deploy/`) computes the very
+same rounds in other processes; so is how a run is resumed (`check_resumable`,
+`checkpoint_manager`, `rewind_jsonl`, `write_json_atomic`), so that a deployment's server resumes
+the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -144,7 +148,8 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
                       "resume it")
 
 
-def _sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
+def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
+  """The ids selected in round `round_index`, ascending (a pure function of its arguments)."""
   if per_round in (0, num_clients):
     return np.arange(num_clients)
   rng = np.random.default_rng([seed, 2, round_index])
@@ -218,7 +223,7 @@ def plan_round(config: ml_collections.ConfigDict, job: Job, t: int) -> RoundPlan
   """Round t's clients, weights, padded batch schedule and keys (a pure function of the config,
   the job and t, so a resumed run or another process computes the same plan)."""
   round_key = jax.random.fold_in(job.k_rounds, t)
-  ids = _sample_clients(config.seed, t, config.num_clients, config.clients_per_round)
+  ids = sample_clients(config.seed, t, config.num_clients, config.clients_per_round)
   sizes = job.sizes
   if config.aggregation_weights == "uniform":
     weights = np.full(len(ids), 1.0 / len(ids), np.float32)
@@ -293,7 +298,7 @@ class _Store:
       self.scatter(np.asarray(saved["ids"]), saved["states"])
 
 
-def _rewind_jsonl(path: str, upto_round: int) -> list[dict]:
+def rewind_jsonl(path: str, upto_round: int) -> list[dict]:
   """Keeps the lines of a per-round .jsonl file for rounds < upto_round (a torn last line is
   dropped), rewrites the file with them and returns them: the rounds after a checkpoint are
   redone on resume."""
@@ -316,6 +321,62 @@ def _read_metrics(path: str, upto_round: int) -> list[dict]:
         if row["round"] < upto_round:
           rows.append(row)
   return rows
+
+
+def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
+  """The orbax manager of ``<workdir>/checkpoints``: step N holds the state after N rounds; orbax
+  writes each step to a temporary directory and renames it when complete (a killed writer
+  leaves no half checkpoint), and the last 2 steps are kept."""
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=2))
+
+
+def check_writable(workdir: str) -> None:
+  """Raises a one-line ConfigError unless a file can be created in `workdir` (read-only mount,
+  no permission, full disk), before any work is done."""
+  probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+  try:
+    with open(probe, "w") as f:
+      f.write("x")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"workdir: must be writable, cannot create a file in {workdir!r} "
+                      f"({e.strerror})") from None
+
+
+def _os_error(error: BaseException) -> OSError | None:
+  """The OSError behind `error` (itself, or its cause/context chain: orbax wraps I/O errors)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+@contextlib.contextmanager
+def _workdir_io(workdir: str, doing: str, manager: ocp.CheckpointManager | None):
+  """Turns an I/O failure while `doing` (a full disk, a vanished or read-only workdir) into one
+  ConfigError line saying which checkpoint is intact and how to go on: orbax renames a step into
+  place only when it is complete, so the previous one survives a failed write."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    cause = _os_error(e)
+    if cause is None:
+      raise
+    latest = None
+    if manager is not None:
+      try:
+        latest = manager.latest_step()
+      except Exception:  # pylint: disable=broad-except
+        latest = None
+    kept = (f"the round-{latest} checkpoint in {os.path.join(workdir, 'checkpoints')} is intact; "
+            "free space and rerun the same command to resume from it" if latest is not None
+            else "no checkpoint was written yet")
+    raise ConfigError(f"workdir: {doing} in {workdir!r} failed ({cause.strerror or cause}); "
+                      f"{kept}") from None
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -369,6 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   except OSError as e:
     raise ConfigError(f"workdir: must be a directory that exists or can be made, got {workdir!r} "
                       f"({e.strerror})") from None
+  check_writable(workdir)
   check_resumable(workdir, config)
   algorithm, dataset = job.algorithm, job.dataset
   # Multi-process jobs (jax.distributed): every process runs this loop on the same inputs; only
@@ -376,8 +438,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = jax.process_index() == 0
   multi_process = jax.process_count() > 1
   if writer:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    with _workdir_io(workdir, "writing config.json", None):
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
   # The server's state lives on this process's first device, committed, so that its placement is
   # the same before and after the first aggregation (a changed placement would recompile
@@ -404,10 +467,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Resume from the last complete checkpoint, if any.
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  manager = checkpoint_manager(workdir)
   start_round = 0
   if manager.latest_step() is not None:
     restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+    if set(restored) != {"server", "clients"}:
+      raise ConfigError(f"workdir: {ckpt_dir} holds another kind of checkpoint (entries "
+                        f"{', '.join(sorted(restored))}; a Flower deployment's?): resume it with "
+                        "the program that wrote it, or use another workdir")
     server_state = jax.device_put(restored["server"], server_device)
     store.from_checkpoint(restored["clients"])
     start_round = int(manager.latest_step())
@@ -415,9 +482,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   histograms_path = os.path.join(workdir, "histograms.jsonl")
   if writer:
-    rows = _rewind_jsonl(metrics_path, start_round)
+    rows = rewind_jsonl(metrics_path, start_round)
     if os.path.exists(histograms_path):
-      _rewind_jsonl(histograms_path, start_round)
+      rewind_jsonl(histograms_path, start_round)
   else:
     rows = _read_metrics(metrics_path, start_round)
 
@@ -481,8 +548,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f.write(json.dumps({"round": t, **histogram}) + "\n")
     rows.append(row)
     if writer:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      with _workdir_io(workdir, f"appending round {t} to metrics.jsonl", manager):
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(row) + "\n")
     done = t + 1 - start_round
     eta = (time.time() - t_start) / done * (config.rounds - t - 1)
     shown = "".join(f"  {name} {evaluated[key]:.4f}" for name, key in (
@@ -496,13 +564,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.checkpoint_every and ((t + 1) % config.checkpoint_every == 0 or last):
       # Across processes, host copies: every process holds the same values, process 0 writes.
       server_saved = jax.device_get(server_state) if multi_process else server_state
-      manager.save(t + 1, args=ocp.args.StandardSave({"server": server_saved,
-                                                       "clients": store.to_checkpoint()}))
-  manager.wait_until_finished()
+      with _workdir_io(workdir, f"writing the round-{t + 1} checkpoint", manager):
+        manager.save(t + 1, args=ocp.args.StandardSave({"server": server_saved,
+                                                         "clients": store.to_checkpoint()}))
+  with _workdir_io(workdir, "finishing the last checkpoint", manager):
+    manager.wait_until_finished()
 
   summary = _summary(rows, config)
   if writer:
-    write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    with _workdir_io(workdir, "writing summary.json", manager):
+      write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     metrics_lib.plot_curves(rows, os.path.join(workdir, "curves.png"), title=config.algorithm)
   log.info("summary: %s", json.dumps(summary))
   return summary

@@ -363,12 +363,24 @@ def _decode_node(r: _Reader) -> Any:
 
 
 def decode(data: bytes) -> Any:
-  """Inverse of `encode`: nested dicts/lists/tuples of numpy arrays and `Bits` (width int32)."""
+  """Inverse of `encode`: nested dicts/lists/tuples of numpy arrays and `Bits` (width int32).
+
+  Raises:
+    WireError: for any bytes that are not an encoded payload (one line); a malformed header
+      (non-UTF-8 keys, absurd shapes, ...) never escapes as another exception type.
+  """
   if bytes(data[:len(MAGIC)]) != MAGIC:
     raise WireError(f"payload: not an encoded payload (magic {bytes(data[:len(MAGIC)])!r})")
   r = _Reader(data)
   r.pos = len(MAGIC)
-  payload = _decode_node(r)
+  try:
+    payload = _decode_node(r)
+  except WireError:
+    raise
+  except (ValueError, TypeError, OverflowError, MemoryError, IndexError, KeyError) as e:
+    # UnicodeDecodeError is a ValueError.
+    raise WireError(f"payload: malformed at byte {r.pos} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
   if r.pos != len(data):
     raise WireError(f"payload: {len(data) - r.pos} trailing bytes after the payload")
   return payload

@@ -3,6 +3,7 @@
 The test process sees 4 CPU devices (XLA_FLAGS, set before JAX starts) so that the sharded
 backend is tested without a GPU.
 """
+import logging
 import os
 import sys
 
@@ -42,3 +43,26 @@ def make_config():
 
 
 SHARED_DATA = os.environ.get("FEDBIF_DATA_DIR", os.path.join(REPO, "..", "shared", "data"))
+
+
+@pytest.fixture
+def serverapp():
+  """What flwr-serverapp sets up before a ServerApp runs (Message() reads the task identity), and
+  the `fedbif_jax` log records; both restored afterwards."""
+  from flwr.supercore.task_identity import TaskIdentity
+  identity = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+  TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+  logger = logging.getLogger("fedbif_jax")
+  saved = (list(logger.handlers), logger.level, logger.propagate)
+  records = []
+  collect = logging.Handler()
+  collect.emit = lambda record: records.append(record.getMessage())
+  logger.addHandler(collect)
+  logger.setLevel(logging.INFO)
+  try:
+    yield records
+  finally:
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = identity

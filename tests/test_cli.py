@@ -101,7 +101,21 @@ def test_disjoint_train_and_test_labels_are_refused(tmp_path):
   np.savez(path, x_train=rng.integers(0, 255, (60, 8, 8, 1), dtype=np.uint8),
            y_train=rng.integers(100, 110, 60), x_test=rng.integers(0, 255, (20, 8, 8, 1),
                                                                      dtype=np.uint8),
-           y_test=rng.integers(0, 10, 20))
+           y_test=np.arange(20) % 10)
   result = _launch(tmp_path / "run", "--config.data.source=npz", f"--config.data.path={path}")
-  _one_error_line(result, "data: no test label occurs in the training set",
+  _one_error_line(result, f"data.path: {path}: no test label occurs in the training set",
                   "train labels 100..109", "test labels 0..9")
+
+
+def test_a_label_space_that_is_not_zero_based_is_refused(tmp_path):
+  import numpy as np
+  rng = np.random.default_rng(0)
+  path = tmp_path / "one_based.npz"
+  np.savez(path, x_train=rng.integers(0, 255, (60, 8, 8, 1), dtype=np.uint8),
+           y_train=np.arange(60) % 10 + 1, x_test=rng.integers(0, 255, (20, 8, 8, 1),
+                                                               dtype=np.uint8),
+           y_test=np.arange(20) % 10 + 1)
+  result = _launch(tmp_path / "run", "--config.data.source=npz", f"--config.data.path={path}")
+  _one_error_line(result, f"data.path: {path}: labels must be 0..K-1 with every class present",
+                  "10 distinct labels 1..10 (missing 0)", "remap them to 0..9")
+  assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -2,6 +2,8 @@
 ``:smoke`` variants run end to end (tensorflow-datasets mock data, no download)."""
 import glob
 import importlib
+import json
+import math
 import os
 
 from absl import flags
@@ -72,9 +74,17 @@ def test_unknown_variant_is_a_config_error():
 @pytest.mark.parametrize("name", [p[0] for p in PAPER])
 def test_smoke_variant_runs(tmp_path, name):
   tfds = pytest.importorskip("tensorflow_datasets")
+  config = _load(name).get_config("smoke")
   with tfds.testing.mock_data(num_examples=32):
-    summary = train_and_evaluate(_load(name).get_config("smoke"), str(tmp_path))
-  assert summary["rounds"] == 1 and 0.0 <= summary["final_accuracy"] <= 1.0
+    summary = train_and_evaluate(config, str(tmp_path))
+  assert summary["rounds"] == 1
+  # The mock images are random: the accuracy is a whole number of the 32 test images
+  # (test_subset = eval_batch_size = 32), and the loss a finite, positive mean over them.
+  assert config.data.test_subset == 32
+  correct = summary["final_accuracy"] * 32
+  assert abs(correct - round(correct)) < 1e-9, summary["final_accuracy"]
+  row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+  assert math.isfinite(row["test_loss"]) and row["test_loss"] > 0.0
   assert summary["mean_uplink_bpp"] == 1.0 and summary["mean_downlink_bpp"] == 4.0
 
 

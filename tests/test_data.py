@@ -41,7 +41,7 @@ def _tiny_arrays(rng: np.random.Generator, gray: bool = False) -> dict:
   shape = (4, 4) if gray else (4, 4, 3)
   return dict(
       x_train=rng.integers(0, 256, (6,) + shape, dtype=np.uint8),
-      y_train=np.array([0, 1, 2, 0, 1, 2], np.int64),
+      y_train=np.array([0, 1, 2, 3, 0, 2], np.int64),
       x_test=rng.integers(0, 256, (3,) + shape, dtype=np.uint8),
       y_test=np.array([4, 0, 1], np.int64))
 
@@ -640,3 +640,63 @@ def test_augment_batch_names():
   message = _assert_config_error(lambda: data.augment_batch("mixup", jax.random.key(0), x),
                                  "data.augment")
   assert "none, crop_flip" in message
+
+
+# --------------------------------------------------------------- label and image checks
+
+
+@pytest.mark.parametrize("y_train, y_test, num_classes, every_class, fragment", [
+    # 100..109 train, 0..9 test: not one test label was ever trained on.
+    (np.arange(100, 110), np.arange(10), 110, True,
+     "src: no test label occurs in the training set (train labels 100..109, test labels 0..9)"),
+    # One-based labels: class 0 never occurs, the model would get an unused output.
+    (np.arange(1, 11), np.arange(1, 11), 11, True,
+     "src: labels must be 0..K-1 with every class present, found 10 distinct labels 1..10 "
+     "(missing 0): remap them to 0..9"),
+    # A gap in the middle (class 3 of 0..5 absent).
+    (np.array([0, 1, 2, 4, 5]), np.array([0, 5]), 6, True,
+     "found 5 distinct labels 0, 1, 2, 4, 5 (missing 3): remap them to 0..4"),
+    # tfds: the class count comes from the data set's info; a label beyond it is refused.
+    (np.array([0, 1, 10]), np.array([0, 1]), 10, False,
+     "src: labels must lie in 0..9 (the data set's 10 classes), found 10"),
+    (np.array([0, 1, -1]), np.array([0, 1]), 2, True, "found -1"),
+])
+def test_check_labels_refuses_what_cannot_be_scored(y_train, y_test, num_classes, every_class,
+                                                    fragment):
+  with pytest.raises(ConfigError) as info:
+    data.check_labels(y_train, y_test, num_classes, where="src", every_class=every_class)
+  assert fragment in str(info.value)
+
+
+def test_check_labels_accepts_a_dense_label_space_and_warns_on_a_partly_unseen_test_set(caplog):
+  data.check_labels(np.arange(10), np.arange(10), 10)  # nothing to say
+  # tfds: classes 7..9 of the info's 10 need not occur.
+  data.check_labels(np.arange(7), np.arange(7), 10, every_class=False)
+  assert not caplog.records
+  # Label 4 occurs only in the test set (twice): the run is possible, two images are lost.
+  data.check_labels(np.array([0, 1, 2, 3]), np.array([4, 0, 4, 1]), 5, where="src")
+  assert [r.getMessage() for r in caplog.records] == [
+      "src: test label(s) 4 never occur in the training set: those 2 test images can never be "
+      "classified correctly"]
+
+
+@pytest.mark.parametrize("images, fragment", [
+    ([np.zeros((8, 8, 3), np.float32) + 0.5] * 2, "must be uint8 pixels 0..255, got float32"),
+    ([np.full((8, 8), 1000, np.uint16)] * 2, "got uint16 with values 1000..1000"),
+    ([np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)],
+     "has images of 2 shapes ([8, 8, 3], [9, 8, 3]"),
+    ([np.zeros((2, 8, 8, 3), np.uint8)] * 2, "must be [H, W] or [H, W, C], got shape [2, 8, 8, 3]"),
+])
+def test_tfds_images_the_models_cannot_take_are_refused_not_cast(images, fragment):
+  records = [{"image": im, "label": 0} for im in images]  # a list is a random-access source
+  with pytest.raises(ConfigError) as info:
+    data.sources._read_records(records, "fake[train]")
+  assert str(info.value).startswith("data.name: tfds split fake[train]")
+  assert fragment in str(info.value)
+
+
+def test_tfds_integer_pixels_in_range_are_kept():
+  records = [{"image": np.full((2, 2), v, np.int64), "label": 0} for v in (0, 255)]
+  images, _ = data.sources._read_records(records, "fake[train]")
+  assert images.dtype == np.uint8 and images.shape == (2, 2, 2, 1)
+  np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 255])

@@ -228,7 +228,16 @@ def test_tfds_source_runs_through_the_engine(tmp_path):
     summary = train_and_evaluate(
         small_config(rounds=1, num_clients=2, data__source="tfds", data__name="mnist",
                      data__min_size=1), str(tmp_path))
-  assert 0.0 <= summary["final_accuracy"] <= 1.0
+    test_set = data_lib.load_dataset("tfds", name="mnist")
+  # The mock images are random, so the accuracy is a whole number of the 40 mock test images
+  # (the evaluator's 1000-slot batch holds 960 padded slots that must not count) and the loss
+  # a finite mean over them.
+  assert len(test_set.y_test) == 40 and len(test_set.x_train) == 40
+  correct = summary["final_accuracy"] * 40
+  assert abs(correct - round(correct)) < 1e-9, summary["final_accuracy"]
+  row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+  assert summary["mean_uplink_bpp"] == 1.0 and 0.0 < row["test_loss"] < 100.0
+  assert row["train_loss"] > 0.0
 
 
 @pytest.mark.parametrize("overrides, field", [
@@ -254,6 +263,54 @@ def test_bad_config_names_the_field(tmp_path, overrides, field):
   message = str(info.value)
   assert message.startswith(field + ":"), message
   assert "\n" not in message
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_previous_checkpoint_resumes(
+    tmp_path, monkeypatch):
+  import errno
+
+  import orbax.checkpoint as ocp
+  real_save = ocp.CheckpointManager.save
+
+  def save(self, step, *args, **kwargs):  # the disk fills up when round 3's checkpoint is written
+    if step == 3:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  config = small_config(algorithm="fedavg", rounds=4, checkpoint_every=1)
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError) as info:
+    train_and_evaluate(config, str(workdir))
+  message = str(info.value)
+  assert "\n" not in message
+  assert message.startswith(f"workdir: writing the round-3 checkpoint in '{workdir}' failed "
+                            "(No space left on device); the round-2 checkpoint in ")
+  assert message.endswith("is intact; free space and rerun the same command to resume from it")
+  assert not (workdir / "summary.json").exists()
+  # Space freed: the same command resumes from round 2 and ends where a straight run ends.
+  monkeypatch.undo()
+  resumed = train_and_evaluate(config, str(workdir))
+  straight = train_and_evaluate(config, str(tmp_path / "straight"))
+  assert resumed == straight
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["round"] for r in rows] == [0, 1, 2, 3]
+
+
+def test_a_workdir_that_cannot_take_files_is_one_line_before_any_work(tmp_path):
+  from fedbif_jax.train import check_writable
+  # Root may write anywhere, so a read-only directory cannot be made here; a directory squatting
+  # on the probe's name fails the same open() call (IsADirectoryError, an OSError).
+  (tmp_path / f".write_probe_{os.getpid()}").mkdir()
+  with pytest.raises(ConfigError, match=r"^workdir: must be writable, cannot create a file in "
+                     r".* \(Is a directory\)$"):
+    check_writable(str(tmp_path))
+  with pytest.raises(ConfigError, match="workdir: must be writable"):
+    train_and_evaluate(small_config(), str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == [f".write_probe_{os.getpid()}"]  # nothing written
+  (tmp_path / "fine").mkdir()
+  check_writable(str(tmp_path / "fine"))  # a writable one passes and leaves nothing behind
+  assert os.listdir(tmp_path / "fine") == []
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):

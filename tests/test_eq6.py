@@ -17,12 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import small_config
 from fedbif_jax import quant
 from fedbif_jax import selectors
+from fedbif_jax.algorithms import get_algorithm
+from fedbif_jax.algorithms.base import RoundInfo
 from fedbif_jax.algorithms.fedbif import aggregate_bits
 from fedbif_jax.algorithms.fedbif import aggregate_by_recovery
 from fedbif_jax.algorithms.fedbif import aggregate_ints
 from fedbif_jax.algorithms.fedbif import recover_client_bits
+from fedbif_jax.wire import Bits
 
 _FAST = settings(max_examples=15, deadline=None)
 _CLIENTS = 3
@@ -294,3 +298,78 @@ def test_recover_client_bits_rejects_mismatched_per_bit_shapes():
   uploads = jnp.zeros((2, 1, 4, 5), jnp.uint8)
   with pytest.raises(ValueError, match=r"^active_bits: .*frozen_bits"):
     recover_client_bits(uploads, frozen, selectors.sequential(0, 4, 1))
+
+
+# ----------------------------------------------------------------------------- FedBiF's aggregate
+
+
+def test_fedbif_aggregate_by_hand_with_unequal_weights():
+  """A hand-made downlink: integers [3, -8] of one 1x2 kernel, alpha 0.5, bit 2 activated.
+  u = q + 8 = [11, 0] = [1011b, 0000b]; the frozen bits 0, 1, 3 give [11, 0]. Three clients
+  upload bit 2 = [1, 1], [0, 1], [1, 0] with p = (0.1, 0.3, 0.6):
+    weight 0: 4 * (0.1 + 0.6) = 2.8;  0.5 * (2.8 + 11 - 8) = 2.9
+    weight 1: 4 * (0.1 + 0.3) = 1.6;  0.5 * (1.6 + 0 - 8) = -3.2
+  (uniform weights would give 0.5 * (8/3 + 3) = 2.8333 and 0.5 * (8/3 - 8) = -2.6667).
+  Biases [1], [2], [4]: 0.1 + 0.6 + 2.4 = 3.1."""
+  algo = get_algorithm(small_config(num_clients=3))
+  downlink = {"weights": {"d": {"kernel": Bits(jnp.asarray([[3, -8]], jnp.int8), jnp.int32(4))}},
+              "alpha": {"d": {"kernel": jnp.float32(0.5)}}, "other": {"d": {"bias": jnp.zeros(1)}},
+              "model_state": {}, "active": jnp.asarray([False, False, True, False])}
+  uplinks = {"weights": {"d": {"kernel": Bits(jnp.asarray([[[[1, 1]]], [[[0, 1]]], [[[1, 0]]]],
+                                                         jnp.uint8), jnp.ones(3, jnp.int32))}},
+             "other": {"d": {"bias": jnp.asarray([[1.0], [2.0], [4.0]])}}, "model_state": {}}
+  state = {"params": {}, "model_state": {}, "round": jnp.int32(5)}
+  new = jax.jit(algo.aggregate)(state, downlink, uplinks, jnp.asarray([0.1, 0.3, 0.6]), None)
+  np.testing.assert_allclose(new["params"]["d"]["kernel"], [[2.9, -3.2]], rtol=1e-6)
+  np.testing.assert_allclose(new["params"]["d"]["bias"], [3.1], rtol=1e-6)
+  assert int(new["round"]) == 6
+
+
+def _np_eq6_offset(q, alpha, active, uploads, p, m):
+  """Eq. 6 as printed, float64: alpha * (sum_k p_k sum_{i in S} 2^i b_{i,k}
+  + sum_{j not in S} 2^j b_j - 2^(m-1)), b_j = bit j of q + 2^(m-1)."""
+  u = np.asarray(q, np.int64) + 2 ** (m - 1)
+  idx = np.flatnonzero(np.asarray(active))
+  uploads = np.asarray(uploads, np.float64)
+  active_part = sum(2.0 ** i * np.tensordot(p, uploads[:, r], axes=1) for r, i in enumerate(idx))
+  frozen_part = sum(2.0 ** j * ((u >> j) & 1) for j in range(m) if j not in idx)
+  return float(alpha) * (active_part + frozen_part - 2.0 ** (m - 1))
+
+
+@pytest.mark.parametrize("m, s, round_index", [(4, 1, 2), (8, 2, 1), (8, 2, 3)])
+def test_fedbif_aggregate_is_eq6_with_unequal_data_size_weights(m, s, round_index):
+  """FedBiF's `aggregate` on a real broadcast of a conv and a dense layer, three clients of
+  100, 300 and 600 examples (p = 0.1, 0.3, 0.6) uploading random bits: every kernel equals
+  Eq. 6 computed here in numpy, every bias the p-weighted mean."""
+  algo = get_algorithm(small_config(num_clients=3, fedbif__bits=m, fedbif__active_bits=s))
+  rng = np.random.default_rng(m + 10 * round_index)
+  shapes = {"conv": (3, 3, 2, 4), "dense": (5, 3)}
+  params = {name: {"kernel": jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                   "bias": jnp.asarray(rng.standard_normal(shape[-1:]), jnp.float32)}
+            for name, shape in shapes.items()}
+  state = algo.init(jax.random.key(0), {"params": params})
+  state["round"] = jnp.asarray(round_index, jnp.int32)
+  n = np.array([100.0, 300.0, 600.0])
+  p = n / n.sum()
+  downlink = algo.broadcast(state, jax.random.key(1), RoundInfo(jnp.asarray(p, jnp.float32),
+                                                                jnp.asarray(n, jnp.float32)))
+  uplinks = {"weights": {name: {"kernel": Bits(jnp.asarray(rng.integers(0, 2, (3, s) + shape),
+                                                           jnp.uint8), jnp.ones(3, jnp.int32))}
+                         for name, shape in shapes.items()},
+             "other": {name: {"bias": jnp.asarray(rng.standard_normal((3,) + shape[-1:]),
+                                                  jnp.float32)} for name, shape in shapes.items()},
+             "model_state": {}}
+  new = algo.aggregate(state, downlink, uplinks, jnp.asarray(p, jnp.float32), None)
+  assert int(new["round"]) == round_index + 1
+  for name in shapes:
+    q = downlink["weights"][name]["kernel"].values
+    alpha = float(downlink["alpha"][name]["kernel"])
+    ups = uplinks["weights"][name]["kernel"].values
+    expected = _np_eq6_offset(q, alpha, downlink["active"], ups, p, m)
+    np.testing.assert_allclose(new["params"][name]["kernel"], expected, rtol=1e-6,
+                               atol=1e-5 * alpha)
+    uniform = _np_eq6_offset(q, alpha, downlink["active"], ups, np.full(3, 1 / 3), m)
+    assert np.abs(uniform - expected).max() > 0.1 * alpha, "the weights must matter here"
+    np.testing.assert_allclose(new["params"][name]["bias"],
+                               np.tensordot(p, np.asarray(uplinks["other"][name]["bias"]), axes=1),
+                               rtol=1e-6, atol=1e-7)

@@ -3,16 +3,20 @@
 Hundreds of truncated, extended, bit-flipped, crafted and random payloads (systematic cases from
 real FedBiF and FedAvg uplinks plus hypothesis) go through `payload.validate`: each one either
 decodes to a payload with exactly the expected structure or raises `PayloadError` with a
-one-line message, never another exception. The server-level test runs the Flower ServerApp's
+one-line message, never another exception. Messages of the right length (every header field of
+real uplinks and downlinks mutated in place, located by a parser of the documented format
+written here; random same-length edits) get past the length check, so the decoder itself is
+fuzzed, on the uplink (`payload.validate`) and on the downlink (`payload.from_array`, what a
+client does with the server's bytes). The server-level test runs the Flower ServerApp's
 round loop (`flower.run_server`) over an in-process Grid that hands every message to the real
 ClientApp, with one client's reply replaced by garbage: the round completes with the others and
 the reason is logged.
 """
 import io
 import json
-import logging
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -77,16 +81,20 @@ def _all_finite(decoded) -> bool:
 REASONS = []  # the PayloadError messages of the last check / decode_only calls
 
 
-def decode_only(data) -> str:
-  """`payload.from_array` (the decoder guard without a spec): a payload or a one-line
-  PayloadError, nothing else."""
+def decode_as(data, direction: str = "uplink") -> str:
+  """`payload.from_array` (the decoder guard without a spec, as the server reads an uplink or a
+  client the server's downlink): a payload or a one-line PayloadError, nothing else."""
   try:
-    payload.from_array(data, "uplink")
+    payload.from_array(data, direction)
   except PayloadError as e:
     assert str(e) and "\n" not in str(e), repr(str(e))
     REASONS.append(str(e))
     return "rejected"
   return "decoded"
+
+
+def decode_only(data) -> str:
+  return decode_as(data, "uplink")
 
 
 def check(data, spec) -> str:
@@ -303,6 +311,142 @@ def test_random_mutations(real, algorithm, edits):
   decode_only(bytes(mutated))
 
 
+# ----------------------------------------------------------------------------- same length
+
+
+# Bytes per element of each dtype code, in the order of wire's format (bool, int8, uint8, int16,
+# uint16, int32, uint32, int64, uint64, float16, bfloat16, float32, float64); bool packs 8 per byte.
+_ITEMSIZE = [None, 1, 1, 2, 2, 4, 4, 8, 8, 2, 2, 4, 8]
+
+
+def header_fields(data: bytes) -> list:
+  """(offset, length, kind) of every header field of an encoded payload: the magic, node tags,
+  counts, key lengths, keys, dtype codes, ndims, dims and widths (the element data skipped).
+
+  Parsed here from the grammar in `fedbif_jax/wire.py`'s docstring, independently of its decoder;
+  it must end exactly at the last byte."""
+  out, pos = [(0, 4, "magic")], 4
+
+  def varint(kind):
+    nonlocal pos
+    start, n, shift = pos, 0, 0
+    while True:
+      b = data[pos]
+      pos += 1
+      n |= (b & 0x7F) << shift
+      shift += 7
+      if not b & 0x80:
+        break
+    out.append((start, pos - start, kind))
+    return n
+
+  def node():
+    nonlocal pos
+    tag = data[pos]
+    out.append((pos, 1, "tag"))
+    pos += 1
+    if tag == 1:                                   # DICT
+      for _ in range(varint("count")):
+        k = varint("key length")
+        out.append((pos, k, "key"))
+        pos += k
+        node()
+    elif tag in (2, 3):                            # LIST, TUPLE
+      for _ in range(varint("count")):
+        node()
+    elif tag in (4, 5):                            # ARRAY, BITS
+      code = data[pos]
+      out.append((pos, 1, "dtype"))
+      pos += 1
+      size = math.prod(varint("dim") for _ in range(varint("ndim")))
+      if tag == 5:
+        width = data[pos]
+        out.append((pos, 1, "width"))
+        pos += 1 + -(-size * width // 8)
+      else:
+        pos += -(-size // 8) if code == 0 else size * _ITEMSIZE[code]
+    else:
+      raise AssertionError(f"tag {tag} at byte {pos - 1}")
+
+  node()
+  assert pos == len(data), (pos, len(data))
+  return out
+
+
+@pytest.fixture(scope="module")
+def downlinks(real):
+  """{algorithm: the real round-0 downlink bytes} for FedBiF and FedAvg."""
+  return {algorithm: ROLES[algorithm][2].message.tobytes() for algorithm in real}
+
+
+def decode_downlink(data) -> str:
+  return decode_as(data, "downlink")
+
+
+def _same_length_outcome(direction, data, spec) -> str:
+  """Runs a same-length message through the uplink validator or the downlink decoder; the length
+  check cannot be what refuses it."""
+  REASONS.clear()
+  outcome = check(data, spec) if direction == "uplink" else decode_downlink(data)
+  assert not any("bytes, expected" in r for r in REASONS), REASONS
+  return outcome
+
+
+def test_header_parser_reads_every_real_payload(real, downlinks):
+  for algorithm, (_, data) in real.items():
+    kinds = {kind for _, _, kind in header_fields(data)}
+    assert kinds >= {"magic", "tag", "count", "key length", "key", "dtype", "ndim", "dim"}
+    header_fields(downlinks[algorithm])
+  assert any(kind == "width" for _, _, kind in header_fields(real["fedbif"][1]))
+  assert any(kind == "width" for _, _, kind in header_fields(downlinks["fedbif"]))
+
+
+def test_every_header_field_mutated_in_place(real, downlinks):
+  """Every header byte of the real FedBiF and FedAvg uplinks and downlinks set to 0, 1, 2, 0x7f,
+  0x80, 0xff and its value + 1 (first byte of each key): the message keeps its length, so the
+  decoder itself runs; every outcome is a payload or a one-line PayloadError."""
+  counts, reasons = {}, set()
+  for algorithm, (spec, up) in real.items():
+    for direction, data in (("uplink", up), ("downlink", downlinks[algorithm])):
+      for offset, length, kind in header_fields(data):
+        for j in range(1 if kind == "key" else length):
+          for value in {0, 1, 2, 0x7F, 0x80, 0xFF, (data[offset + j] + 1) % 256}:
+            mutated = bytearray(data)
+            mutated[offset + j] = value
+            outcome = _same_length_outcome(direction, bytes(mutated), spec)
+            key = (direction, outcome)
+            counts[key] = counts.get(key, 0) + 1
+            reasons.update(re.sub(r"[0-9]+", "N", r.split(": ", 1)[1])[:40] for r in REASONS)
+  print(counts, sorted(reasons), sep="\n")
+  assert counts[("uplink", "rejected")] > 500 and counts[("downlink", "rejected")] > 500, counts
+  assert counts[("uplink", "ok")] > 0 and counts[("downlink", "decoded")] > 100, counts
+  # Refusals from inside the decoder, not only at its door (the magic).
+  # ("malformed at byte": a header the decoder cannot read, e.g. a non-UTF-8 key, as WireError.)
+  for fragment in ("truncated", "trailing bytes", "unknown node tag", "unknown dtype code",
+                   "Bits width must be in", "malformed at byte", "keys differ"):
+    assert any(fragment in r for r in reasons), (fragment, sorted(reasons))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(["fedbif", "fedavg"]), st.sampled_from(["uplink", "downlink"]),
+       st.lists(st.tuples(st.booleans(), st.integers(0, 10 ** 9), st.integers(0, 255)),
+                min_size=1, max_size=4))
+def test_same_length_mutations_of_headers_and_data(real, downlinks, algorithm, direction, edits):
+  """Up to 4 bytes replaced, each in a header field (True) or anywhere (False): the decoder runs
+  on a message of the right length; a payload or a one-line PayloadError."""
+  spec, up = real[algorithm]
+  data = up if direction == "uplink" else downlinks[algorithm]
+  fields = header_fields(data)
+  mutated = bytearray(data)
+  for in_header, where, value in edits:
+    if in_header:
+      offset, length, _ = fields[where % len(fields)]
+      mutated[offset + (where // len(fields)) % length] = value
+    else:
+      mutated[where % len(mutated)] = value
+  _same_length_outcome(direction, bytes(mutated), spec)
+
+
 # ----------------------------------------------------------------------------- the Flower layer
 
 
@@ -390,7 +534,7 @@ class _LoopbackGrid:
     return replies
 
 
-def test_server_drops_a_garbage_client_and_finishes_the_round(tmp_path, real):
+def test_server_drops_a_garbage_client_and_finishes_the_round(tmp_path, real, serverapp):
   """Round 0: client 1 sends random bytes; round 1: client 2 sends a NaN. Both rounds complete
   with the other two clients (weights renormalised), the reasons are logged and recorded."""
   from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -417,27 +561,11 @@ def test_server_drops_a_garbage_client_and_finishes_the_round(tmp_path, real):
                                "metrics": MetricRecord({"loss_sum": 1.0, "count": 1.0})}),
                    reply_to=message)
 
-  # What flwr-serverapp sets before running a ServerApp (Message() reads it).
-  from flwr.supercore.task_identity import TaskIdentity
-  identity = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-  TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-  logger = logging.getLogger("fedbif_jax")
-  saved = (list(logger.handlers), logger.level, logger.propagate)
-  records = []
-  collect = logging.Handler()
-  collect.emit = records.append
-  logger.addHandler(collect)
-  try:
-    summary = flower.run_server(_LoopbackGrid(run_config, 3, tamper), _config("fedbif"),
-                                str(tmp_path), round_timeout=60, node_timeout=10)
-  finally:
-    logger.handlers[:] = saved[0]
-    logger.setLevel(saved[1])
-    logger.propagate = saved[2]
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = identity
+  summary = flower.run_server(_LoopbackGrid(run_config, 3, tamper), _config("fedbif"),
+                              str(tmp_path), round_timeout=60, node_timeout=10)
   with open(tmp_path / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
-  messages = [r.getMessage() for r in records]
+  messages = serverapp
   print("\n".join(m for m in messages if "dropped" in m))
   assert [r["accepted"] for r in rows] == [[0, 2], [0, 1]], rows
   assert list(rows[0]["dropped"]) == ["1"] and list(rows[1]["dropped"]) == ["2"]

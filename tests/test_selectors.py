@@ -289,3 +289,89 @@ def test_make_selector_fixed_default_that_does_not_fit_names_s():
 def test_check_active_bits_accepts_numpy_integers_like_check_bits():
   assert selectors.check_active_bits(4, np.int64(2)) == 2
   assert _active_set(selectors.sequential(0, 4, np.int32(2))) == {2, 3}
+
+
+# ----------------------------------------------------------------------------- flip_rate
+
+
+@_FAST
+@given(st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (6, 2), (6, 3), (8, 1),
+                        (8, 2), (8, 4)]),
+       st.sampled_from(selectors.ORDERS), st.floats(0.0, 1.0))
+def test_flip_rate_with_equal_rates_is_the_sequential_cycle(ms, order, rate):
+  # Every plane flipping at the same rate: the score is the idle count alone, so the adaptive
+  # selector must walk exactly the paper's sequential groups, in `order`, round after round.
+  m, s = ms
+  stats = selectors.flip_rate_init(m)
+  for t in range(2 * m // s + 1):
+    mask = selectors.flip_rate_select(stats, s, order)
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(selectors.sequential(t, m, s, order)))
+    stats = selectors.flip_rate_update(stats, mask, jnp.full((m,), rate))
+
+
+def test_flip_rate_scores_by_hand():
+  # rate + 0.01 times 1 + idle: bit 0: 0.81 * 1 = 0.81; bit 1: 0.11 * 5 = 0.55;
+  # bit 2: 0.31 * 3 = 0.93; bit 3: 0.01 * 40 = 0.40. Top two: bits 2 and 0.
+  stats = {"rate": jnp.array([0.8, 0.1, 0.3, 0.0]), "idle": jnp.array([0, 4, 2, 39])}
+  assert _active_set(selectors.flip_rate_select(stats, 2)) == {0, 2}
+  assert _active_set(selectors.flip_rate_select(stats, 1)) == {2}
+  # Bit 3 never flips, but at idle 99 its 0.01 * 100 = 1.0 beats every other score: it returns.
+  stats["idle"] = jnp.array([0, 4, 2, 99])
+  assert _active_set(selectors.flip_rate_select(stats, 1)) == {3}
+  # An exact tie (0.5 * 2 = 1.0 for bits 1 and 2): msb_first takes bit 2, lsb_first bit 1.
+  tie = {"rate": jnp.array([0.0, 0.49, 0.49, 0.0]), "idle": jnp.array([0, 1, 1, 0])}
+  assert _active_set(selectors.flip_rate_select(tie, 1, "msb_first")) == {2}
+  assert _active_set(selectors.flip_rate_select(tie, 1, "lsb_first")) == {1}
+
+
+def test_flip_rate_update_averages_active_planes_and_ages_the_others():
+  stats = {"rate": jnp.array([0.2, 0.4, 0.6, 1.0]), "idle": jnp.array([3, 0, 1, 2])}
+  active = jnp.array([False, True, False, True])
+  new = selectors.flip_rate_update(stats, active, jnp.array([9.0, 0.0, 9.0, 0.5]))
+  # Active: 0.5 * old + 0.5 * observed (bit 1: 0.2, bit 3: 0.75), idle reset; inactive planes
+  # keep their rate (the 9.0 observed there is ignored) and age by one round.
+  np.testing.assert_allclose(np.asarray(new["rate"]), [0.2, 0.2, 0.6, 0.75])
+  np.testing.assert_array_equal(np.asarray(new["idle"]), [4, 0, 2, 0])
+
+
+def test_disagreements_by_hand():
+  broadcast = jnp.array([[1, 0, 1, 1], [0, 0, 0, 1]])            # s=2 planes of 4 weights
+  uploaded = jnp.array([[[1, 0, 1, 1], [1, 1, 0, 1]],             # client 0: 0 and 2 flips
+                        [[0, 1, 0, 0], [0, 0, 0, 1]]])            # client 1: 4 and 0 flips
+  counts = selectors.disagreements(uploaded, broadcast, jnp.array([0.25, 0.75]))
+  np.testing.assert_allclose(np.asarray(counts), [0.25 * 0 + 0.75 * 4, 0.25 * 2 + 0.75 * 0])
+
+
+def test_flip_rate_selector_through_fedbifs_broadcast_and_aggregate():
+  # FedBiF-1/4 on one 4x3 kernel: round 0 activates the MSB (every plane untried, msb_first);
+  # client 0 sends back the broadcast bits unchanged, client 1 flips every one of them, with
+  # weights 0.25 / 0.75. The MSB plane's flip rate is 0.75 by hand, its average
+  # 0.5 * 1 + 0.5 * 0.75 = 0.875, and the server state carries that and the idle counts.
+  from fedbif_jax import quant
+  from fedbif_jax.algorithms import get_algorithm
+  from fedbif_jax.config import base_config
+  from fedbif_jax.wire import Bits
+  config = base_config()
+  config.fedbif.selector = "flip_rate"
+  algorithm = get_algorithm(config)
+  kernel = jax.random.normal(jax.random.key(0), (4, 3))
+  variables = {"params": {"dense": {"kernel": kernel, "bias": jnp.zeros(3)}}}
+  state = algorithm.init(jax.random.key(1), variables)
+  downlink = algorithm.broadcast(state, jax.random.key(2), None)
+  assert _active_set(downlink["active"]) == {3}
+  sent = quant.to_bits(downlink["weights"]["dense"]["kernel"].values, 4)[3:4]   # [1, 4, 3]
+  uploaded = jnp.stack([sent, 1 - sent])                                        # [2, 1, 4, 3]
+  uplinks = {"weights": {"dense": {"kernel": Bits(uploaded, jnp.asarray(1, jnp.int32))}},
+             "other": {"dense": {"bias": jnp.zeros((2, 3))}}, "model_state": {}}
+  new_state = algorithm.aggregate(state, downlink, uplinks, jnp.array([0.25, 0.75]), None)
+  np.testing.assert_allclose(np.asarray(new_state["selector"]["rate"]), [1, 1, 1, 0.875])
+  np.testing.assert_array_equal(np.asarray(new_state["selector"]["idle"]), [1, 1, 1, 0])
+  # Round 1: bits 0..2 score 1.01 * 2, the MSB 0.885 * 1: bit 2 is next (msb_first tie-break).
+  assert _active_set(algorithm.broadcast(new_state, jax.random.key(3), None)["active"]) == {2}
+  # The other selectors keep the state they always had (no "selector" entry).
+  assert "selector" not in get_algorithm(base_config()).init(jax.random.key(1), variables)
+
+
+def test_make_selector_refuses_a_stateful_selector():
+  with pytest.raises(ValueError, match="flip_rate_select"):
+    selectors.make_selector("flip_rate", 4, 1)

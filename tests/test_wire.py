@@ -104,17 +104,22 @@ def test_values_that_do_not_fit_the_width_are_refused(values, width, dtype):
     wire.encode(Bits(np.array(values, dtype), np.int32(width)))
 
 
-@pytest.mark.parametrize("bad", [
-    Bits(np.zeros(3, np.float32), np.int32(1)),         # not integers
-    Bits(np.zeros(3, np.int8), np.int32(0)),            # width 0
-    Bits(np.zeros(3, np.int8), np.int32(9)),            # wider than the dtype
-    Bits(np.zeros((2, 3), np.int8), np.array([1, 2], np.int32)),  # stacked widths
-    np.zeros(2, np.complex64),                          # unsupported dtype
+@pytest.mark.parametrize("bad, message", [
+    (Bits(np.zeros(3, np.float32), np.int32(1)),                      # not integers
+     r"^payload: Bits values must be integers, got dtype float32$"),
+    (Bits(np.zeros(3, np.int8), np.int32(0)),                         # width 0
+     r"^payload: Bits width must be in 1\.\.8 for int8, got 0$"),
+    (Bits(np.zeros(3, np.int8), np.int32(9)),                         # wider than the dtype
+     r"^payload: Bits width must be in 1\.\.8 for int8, got 9$"),
+    (Bits(np.zeros((2, 3), np.int8), np.array([1, 2], np.int32)),    # stacked widths
+     r"^payload: Bits width must be a scalar in one client's payload, got shape \(2,\)"),
+    (np.zeros(2, np.complex64),                                       # unsupported dtype
+     r"^payload: dtype complex64 cannot be sent \(allowed: bool, int8, .*, float64\)$"),
 ])
-def test_unencodable_payloads_raise(bad):
-  with pytest.raises(WireError):
+def test_unencodable_payloads_raise(bad, message):
+  with pytest.raises(WireError, match=message):
     wire.encode({"weights": bad})
-  with pytest.raises(WireError):
+  with pytest.raises(WireError, match=message):
     wire.encoded_size({"weights": bad})
 
 
@@ -217,3 +222,13 @@ def test_fedbif_1_4_on_the_cifar_cnn_is_exactly_1_and_4_bpp():
   assert kernels // 8 + 936 < up_bytes[0] == up_bytes[1] < kernels // 8 + 936 + 400
   total_down, total_up = 8 * down_bytes / kernels, 8 * up_bytes[0] / kernels
   assert 4.0 < total_down < 4.02 and 1.0 < total_up < 1.02
+
+
+def test_decode_raises_only_wire_errors_on_a_malformed_header():
+  # The key "k" is stored as UTF-8 in the header; 0xff is never valid UTF-8. Before the decoder
+  # wrapped its failures, this escaped as UnicodeDecodeError.
+  data = bytearray(wire.encode({"k": np.zeros(3, np.float32)}))
+  at = data.index(b"k")
+  data[at] = 0xFF
+  with pytest.raises(wire.WireError, match=r"payload: malformed at byte \d+ \(UnicodeDecodeError"):
+    wire.decode(bytes(data))

@@ -187,6 +187,10 @@ def aggregate_by_recovery(active_bits: jax.Array, frozen_bits: jax.Array, active
   return alpha * jnp.sum(w * ints, axis=0)
 
 
+def _is_bits(x) -> bool:
+  return isinstance(x, Bits)
+
+
 def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   """FedBiF from a `config.fedbif` ConfigDict (bits, active_bits, selector, order, fixed_bits,
   encoding, vbi, bit_lr_scale, bit_step, bit_init). Validates it eagerly; raises ValueError
@@ -206,8 +210,10 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     check(m % s == 0, "fedbif.active_bits",
           f"a divisor of fedbif.bits={m} for the sequential selector", s)
   fixed_bits: Sequence[int] | None = tuple(cfg.get("fixed_bits", ())) or None
+  stateful_selector = name in selectors.STATEFUL_SELECTORS
   try:
-    select = selectors.make_selector(name, m, s, order, fixed_bits)
+    select = (None if stateful_selector else
+              selectors.make_selector(name, m, s, order, fixed_bits))
   except ValueError as e:  # the fixed selector's bits
     raise ConfigError(f"fedbif.{'fixed_bits' if fixed_bits else 'active_bits'}: "
                       f"{str(e).split(': ', 1)[1]}") from None
@@ -224,7 +230,15 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   def init(key, variables):
     del key
     params, model_state = base.split_variables(variables)
-    return {"params": params, "model_state": model_state, "round": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "model_state": model_state, "round": jnp.zeros((), jnp.int32)}
+    if stateful_selector:  # the flip_rate selector's per-plane statistics (server only)
+      state["selector"] = selectors.flip_rate_init(m)
+    return state
+
+  def select_bits(state, key):
+    if stateful_selector:
+      return selectors.flip_rate_select(state["selector"], s, order)
+    return select(state["round"], key)
 
   def init_client(key, variables):
     return {"virtual_bits": bits_lib.init_virtual_bits(key, variables["params"], m, predicate,
@@ -243,7 +257,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     return {"weights": traverse_util.unflatten_dict(ints),
             "alpha": traverse_util.unflatten_dict(alphas),
             "other": other, "model_state": state["model_state"],
-            "active": select(state["round"], k_select)}
+            "active": select_bits(state, k_select)}
 
   def received_bits(downlink):
     return jax.tree.map(lambda b: quant.to_bits(b.values, m, encoding), downlink["weights"],
@@ -314,9 +328,24 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     new_weights = jax.tree.map(fold, uplinks["weights"], downlink["weights"], downlink["alpha"],
                                is_leaf=lambda x: isinstance(x, Bits))
     other = base.weighted_mean(uplinks["other"], weights)
-    return {"params": bits_lib.merge_params(new_weights, other),
-            "model_state": base.weighted_mean(uplinks["model_state"], weights),
-            "round": state["round"] + 1}
+    new_state = {"params": bits_lib.merge_params(new_weights, other),
+                 "model_state": base.weighted_mean(uplinks["model_state"], weights),
+                 "round": state["round"] + 1}
+    if stateful_selector:
+      new_state["selector"] = selectors.flip_rate_update(
+          state["selector"], downlink["active"], plane_flip_rates(uplinks, downlink, weights))
+    return new_state
+
+  def plane_flip_rates(uplinks, downlink, weights):
+    """Per bit plane (float32 [m], 0 where inactive): the client-weighted share of uploaded
+    activated bits that differ from the broadcast bit, over every bit-trained weight."""
+    idx = selectors.active_indices(downlink["active"], s)
+    counts = [(selectors.disagreements(up.values, quant.to_bits(q.values, m, encoding)[idx],
+                                       weights), q.values.size)
+              for up, q in zip(jax.tree.leaves(uplinks["weights"], is_leaf=_is_bits),
+                               jax.tree.leaves(downlink["weights"], is_leaf=_is_bits))]
+    total = sum(c for c, _ in counts) / sum(n for _, n in counts)
+    return jnp.zeros((m,), jnp.float32).at[idx].set(total)
 
   def eval_variables(state):
     return {"params": state["params"], **state["model_state"]}

@@ -11,6 +11,7 @@ from fedbif_jax.data.partition import dirichlet_partition
 from fedbif_jax.data.partition import iid_partition
 from fedbif_jax.data.partition import partition
 from fedbif_jax.data.partition import PARTITIONS
+from fedbif_jax.data.sources import check_labels
 from fedbif_jax.data.sources import channel_stats
 from fedbif_jax.data.sources import Dataset
 from fedbif_jax.data.sources import load_dataset
@@ -25,6 +26,7 @@ __all__ = [
     "Dataset",
     "augment_batch",
     "channel_stats",
+    "check_labels",
     "describe_partition",
     "dirichlet_partition",
     "eval_batches",

@@ -11,7 +11,8 @@ three sources:
 * ``npz``: a ``np.savez`` archive (read with ``allow_pickle=False``) holding
   ``x_train``, ``y_train``, ``x_test`` and ``y_test``. Images are uint8
   ``[N, H, W, C]`` or ``[N, H, W]`` (a channel axis is added); labels are cast
-  to int32 and ``num_classes`` is the largest label (train or test) plus one.
+  to int32 and ``num_classes`` is the largest label (train or test) plus one; every class
+  0..num_classes-1 must occur (`check_labels`).
 * ``tfds``: a TensorFlow-Datasets dataset read through ``tfds.data_source``
   (random access; reading needs no TensorFlow). The name is a registered tfds
   builder (the paper's: ``svhn_cropped``, ``cifar10``, ``cifar100``) or a data
@@ -21,6 +22,11 @@ three sources:
   downloaded and prepared there when TensorFlow is installed (tfds needs it to
   prepare data: ``pip install tensorflow-cpu``, an optional extra); without
   TensorFlow the error says what to install.
+
+Every source's labels are checked before anything else (`check_labels`): labels outside the
+class range, a label space that is not 0..K-1 (npz) and test labels none of which occur in
+training are refused with one line naming the file; tfds images must share one shape and be
+uint8 pixels (a float or 16-bit image is refused, not cast).
 
 Optionally seeded random subsets of the training and test sets are kept
 (``train_subset``, ``test_subset``). ``mean``/``std`` (float32 [C], applied
@@ -36,6 +42,7 @@ to ``x / 255``) follow ``normalization``:
 
 import difflib
 import importlib.util
+import logging
 import os
 from typing import Any, NamedTuple
 
@@ -119,10 +126,8 @@ def load_dataset(source: str, *, name: str = "", path: str = "",
   else:
     name, arrays = _load_tfds(name, split_train, split_test, data_dir)
   x_train, y_train, x_test, y_test, num_classes = arrays
-  if len(y_train) and len(y_test) and not np.isin(y_test, y_train).any():
-    raise ConfigError(
-        f"data: no test label occurs in the training set (train labels "
-        f"{_label_range(y_train)}, test labels {_label_range(y_test)}): accuracy could only be 0")
+  check_labels(y_train, y_test, num_classes, where=_where(source, name, path),
+               every_class=source == "npz")
   x_train, y_train = _subset(x_train, y_train, train_subset, subset_seed)
   x_test, y_test = _subset(x_test, y_test, test_subset, [subset_seed, 1],
                            field="data.test_subset", split="test")
@@ -135,8 +140,68 @@ def load_dataset(source: str, *, name: str = "", path: str = "",
                  std, x_val, y_val)
 
 
-def _label_range(y: np.ndarray) -> str:
-  return f"{int(y.min())}..{int(y.max())}"
+def check_labels(y_train: np.ndarray, y_test: np.ndarray, num_classes: int,
+                 where: str = "data", every_class: bool = True) -> None:
+  """Refuses labels a classifier with outputs 0..num_classes-1 cannot be scored on.
+
+  Checked on the whole source, before any subset is drawn (a small subset may miss a class
+  legitimately; a file should not):
+
+  * every label lies in 0..num_classes-1;
+  * with `every_class` (the class count was inferred from the labels, as for an npz file): every
+    class 0..num_classes-1 occurs in train or test. Labels 1..10 or 100..109 are a label space
+    that is not 0..K-1 and would silently give the model unused outputs;
+  * some test label occurs in the training set (none: accuracy could only be 0). Test labels
+    that occur only in part are logged as a warning: those test images can never be classified
+    correctly, but the run measures something.
+
+  Raises:
+    ConfigError: one line that starts with `where` (``data.path: <file>`` for an npz, ``data.name:
+      tfds <name>`` for tfds) and says what is wrong and how to mend it.
+  """
+  labels = np.concatenate([y_train, y_test])
+  if not labels.size:
+    return
+  outside = labels[(labels < 0) | (labels >= num_classes)]
+  if outside.size:
+    raise ConfigError(f"{where}: labels must lie in 0..{num_classes - 1} (the data set's "
+                      f"{num_classes} classes), found {_label_list(np.unique(outside))}")
+  test_classes = np.unique(y_test)
+  unseen = np.setdiff1d(test_classes, y_train)
+  if len(y_train) and unseen.size and unseen.size == test_classes.size:
+    raise ConfigError(
+        f"{where}: no test label occurs in the training set (train labels "
+        f"{_label_list(np.unique(y_train))}, test labels {_label_list(test_classes)}): accuracy "
+        "could only be 0")
+  present = np.unique(labels)
+  if every_class and len(present) < num_classes:
+    missing = np.setdiff1d(np.arange(num_classes), present)
+    raise ConfigError(
+        f"{where}: labels must be 0..K-1 with every class present, found "
+        f"{len(present)} distinct labels {_label_list(present)} (missing {_label_list(missing)}):"
+        f" remap them to 0..{len(present) - 1}")
+  if len(y_train) and unseen.size:
+    logging.warning("%s: test label(s) %s never occur in the training set: those %d test images "
+                    "can never be classified correctly", where, _label_list(unseen),
+                    int(np.isin(y_test, unseen).sum()))
+
+
+def _label_list(values: np.ndarray, shown: int = 6) -> str:
+  """``0, 1, 2`` or, for a long contiguous run, ``100..109``; at most `shown` listed."""
+  values = [int(v) for v in values]
+  if len(values) > 2 and values == list(range(values[0], values[-1] + 1)):
+    return f"{values[0]}..{values[-1]}"
+  head = ", ".join(str(v) for v in values[:shown])
+  return head + (f", ... ({len(values)} in all)" if len(values) > shown else "")
+
+
+def _where(source: str, name: str, path: str) -> str:
+  """The field and file a data error names."""
+  if source == "npz":
+    return f"data.path: {path}"
+  if source == "tfds":
+    return f"data.name: tfds {name}"
+  return f"data.name: {name}"
 
 
 def hold_out(x: np.ndarray, y: np.ndarray, size: int, seed
@@ -356,11 +421,34 @@ def _read_records(source: Any, label: str) -> tuple[np.ndarray, np.ndarray]:
     records.extend(source[k] for k in keys)
   if not records:
     raise ConfigError(f"data.name: tfds split {label} is empty")
-  images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
+  images = _stack_images([np.asarray(r["image"]) for r in records], label)
   labels = np.asarray([r["label"] for r in records], np.int32)
   if images.ndim == 3:
     images = images[..., None]
   return images, labels
+
+
+def _stack_images(images: list[np.ndarray], label: str) -> np.ndarray:
+  """Stacks one split's images, refusing what the models cannot take as uint8 pixels.
+
+  Images must share one shape ([H, W] or [H, W, C]) and be integers in 0..255; a float image (say
+  in [0, 1]) or a 16-bit one would otherwise be cast to uint8 silently and train on garbage.
+  """
+  shapes = sorted({im.shape for im in images})
+  if len(shapes) > 1:
+    raise ConfigError(f"data.name: tfds split {label} has images of {len(shapes)} shapes "
+                      f"({', '.join(str(list(s)) for s in shapes[:3])}...): the models need one "
+                      "image size")
+  if len(shapes[0]) not in (2, 3):
+    raise ConfigError(f"data.name: tfds split {label} images must be [H, W] or [H, W, C], got "
+                      f"shape {list(shapes[0])}")
+  stacked = np.stack(images)
+  if stacked.dtype != np.uint8:
+    if not np.issubdtype(stacked.dtype, np.integer) or stacked.min() < 0 or stacked.max() > 255:
+      low, high = (stacked.min(), stacked.max()) if stacked.size else (0, 0)
+      raise ConfigError(f"data.name: tfds split {label} images must be uint8 pixels 0..255, got "
+                        f"{stacked.dtype} with values {low}..{high}")
+  return stacked.astype(np.uint8)
 
 
 def _tfds_num_classes(source: Any) -> int | None:

@@ -5,23 +5,57 @@ Needs the optional extra: ``pip install -r requirements-flower.txt``.
 
 Topology (Flower's Deployment Runtime, everything over HTTP on 127.0.0.1 here): one SuperLink
 (the server; it starts our `server_app` in a ``flwr-serverapp`` process for a run), one SuperNode
-per client (it starts our `client_app` in a fresh ``flwr-clientapp`` process for every message
-and keeps the client's `Context.state` between them), and ``flwr run``, which submits a Flower
-App Bundle built from a two-line module that imports `server_app` and `client_app` from here.
+per client (it starts our `client_app` in a fresh ``flwr-clientapp`` process for every message),
+and ``flwr run``, which submits a Flower App Bundle built from a two-line module that imports
+`server_app` and `client_app` from here.
 
 A run (`run_server`):
 
 1. registration: a ``query`` message to every connected SuperNode; each answers with its
    ``partition-id`` (``--node-config partition-id=N``), the client id whose shard it trains;
 2. round t, for the selected clients (`roles.Server.open_round`): a ``train`` message with the
-   downlink as one uint8 `Array` of `wire.encode` bytes (``downlink/payload``) and the round and
-   client id (``round`` ConfigRecord). The client (`roles.Client.train`) decodes it, trains, and
-   replies with its uplink as one uint8 `Array` (``uplink/payload``) and its ``loss_sum`` /
-   ``count`` (``metrics`` MetricRecord); its persistent state (FedBiF's virtual bits) is kept,
-   wire-encoded, in the SuperNode's `Context.state`;
+   downlink as one uint8 `Array` of `wire.encode` bytes (``downlink/payload``), the round, the
+   client id and the run key (``round`` ConfigRecord). The client (`roles.Client.train`) decodes
+   it, trains, and replies with its uplink as one uint8 `Array` (``uplink/payload``) and its
+   ``loss_sum`` / ``count`` (``metrics`` MetricRecord); it keeps its persistent state (FedBiF's
+   virtual bits, SignSGD's copy of the kernels; the other algorithms have none) for its next
+   round, wire-encoded (see Resume);
 3. `roles.Server.close_round` validates every uplink (`payload.validate`); a missing, failed or
    malformed reply is dropped with a logged one-line reason and the round goes on with the
-   others. The server never crashes on a client's bytes.
+   others. The server never crashes on a client's bytes. Then it appends the round's row to
+   ``metrics.jsonl`` and checkpoints its state before the next round starts.
+
+Resume. The server checkpoints its state after every round (``config.checkpoint_every`` is not
+used) as the simulator does: orbax, ``<workdir>/checkpoints``, step N = N rounds done, written to a
+temporary folder and renamed (`train.checkpoint_manager`; `roles.Server.save`). A server started
+on a workdir with checkpoints continues after the newest one, as ``launch.py`` does: it logs
+``resumed from <workdir>/checkpoints at round N``, drops the rows of later rounds from
+``metrics.jsonl`` (a torn last line too; `train.rewind_jsonl`) and does those rounds again. A
+different config (apart from `train.RESUMABLE_CHANGES`, e.g. more ``rounds``) is refused with the
+simulator's one-line error (`train.check_resumable`). Round t's clients, batches and keys derive
+from the config and t alone (`train.plan_round`), so with every client's state intact the resumed
+run equals an uninterrupted one bit for bit (``tests/test_flower_resume.py``).
+
+Client state. Flower gives every run a fresh `Context.state`, and a restarted server is a new
+run, so the state must outlive it elsewhere: a SuperNode with a ``state-dir`` in its node config
+(what ``supernode`` and ``local`` start) keeps its client's state in files there
+(`roles.StateFiles`: ``<state-dir>/<run key>/client-<id>/round-<t>.state``, the two newest
+rounds, under a random key the server keeps in its checkpoint), on its own machine. It then
+survives a restart of the server, of the SuperNode (same ``--state-dir``), or of both: a client
+asked for round t starts from its state after the last round before t that selected it
+(`roles.Client.previous_round`), also when it had already trained round t before the server
+died. A SuperNode without a
+``state-dir`` keeps the state in `Context.state`, which lasts for one run only. A client whose
+state is missing (no ``state-dir``, another ``state-dir``, files deleted) or unreadable starts
+from the newest state it has from before round t, or else from its initial state, and logs why;
+the server logs it too and lists it in the row's ``state_lost``: the run goes on but no longer
+equals an uninterrupted one. For FedBiF that means virtual bits of the initial
+magnitudes whose signs are re-inherited from the received integers (as on a client's first
+round), so the magnitudes it had learned are lost; a SignSGD client trains from the initial
+kernels plus the latest vote instead of the model, for the rest of the run, so restart SignSGD's
+SuperNodes only with their state folder. FedAvg, FedPAQ, FedDQ and DAdaQuant clients have no
+state. Nothing deletes the state files of a finished run (FedBiF: two copies of m float32 virtual
+bits per weight and client); remove the state folders when a run is done.
 
 Bytes: the rows of ``<workdir>/metrics.jsonl`` count the payload bytes that crossed the
 transport (``downlink_bytes_sent``: the downlink message length x the clients it went to;
@@ -30,8 +64,10 @@ transport (``downlink_bytes_sent``: the downlink message length x the clients it
 lengths it received and sent. Flower's own framing (the ``.npy`` header of an `Array`, protobuf,
 HTTP) is not counted in the ledger; ``*_array_bytes`` give the `Array` sizes with their header.
 
-The server writes ``config.json``, ``metrics.jsonl``, ``summary.json`` and ``final_state.npz``
-(the server state, one entry per leaf, named by `jax.tree_util.keystr`) to the run's workdir.
+The server writes ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``summary.json`` and
+``final_state.npz`` (the server state, one entry per leaf, named by `jax.tree_util.keystr`) to
+the run's workdir. Running the same ``local`` (or ``run``) command with the same ``--workdir``
+again resumes it; ``local`` keeps the SuperNodes' state folders under ``<workdir>/flower_home``.
 
 Every Flower message starts a fresh process, so the command line points JAX's persistent
 compilation cache (``--jax-cache``) at one directory: only the first round compiles.
@@ -68,7 +104,9 @@ log = logging.getLogger("fedbif_jax")
 CONFIG_KEY, OVERRIDES_KEY, WORKDIR_KEY = "fedbif-config", "fedbif-overrides", "workdir"
 ROUND_TIMEOUT_KEY, NODE_TIMEOUT_KEY = "round-timeout", "node-timeout"
 PARTITION_KEY = "partition-id"          # node config of a SuperNode: the client id it trains
+STATE_DIR_KEY = "state-dir"             # node config of a SuperNode: where it keeps client states
 STATE_KEY = "fedbif-client-state"       # Context.state record: the wire-encoded client state
+STATE_ROUND_KEY = "fedbif-client-state-round"  # Context.state record: the round it is from
 APP_MODULE = "fedbif_flower_app"
 CONNECTION = "fedbif"                   # the SuperLink connection name `run` writes
 
@@ -263,10 +301,13 @@ def register_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, in
 
 
 def save_state(path: str, state: Any) -> None:
-  """The server state as an .npz, one entry per leaf named by `jax.tree_util.keystr`."""
+  """The server state as an .npz, one entry per leaf named by `jax.tree_util.keystr` (written to
+  a temporary file and renamed)."""
   import jax
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
-  np.savez(path, **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+  os.replace(tmp, path)
 
 
 def _summary(rows: list[dict], config) -> dict:
@@ -295,26 +336,42 @@ def run_server(grid: Grid, config, workdir: str, round_timeout: float = 600.0,
                node_timeout: float = 120.0) -> dict:
   """All rounds of `config` over `grid` (see the module docstring); returns the summary.
 
-  Writes config.json, metrics.jsonl (one row per round), summary.json and final_state.npz to
-  `workdir`. Raises RuntimeError when the clients do not all register, and
-  `train.TrainingDiverged` on a non-finite loss; a client's bytes never raise.
+  Writes config.json, metrics.jsonl (one row per round), an orbax checkpoint after every round
+  (``checkpoints/``), summary.json and final_state.npz to `workdir`. A workdir that holds
+  checkpoints of the same config is resumed after its newest one, like the simulator's: the rows
+  of later rounds are dropped from metrics.jsonl and those rounds are done again.
+
+  Raises:
+    ConfigError: `workdir` holds a run made with another config (`train.check_resumable`).
+    RuntimeError: the clients do not all register.
+    train.TrainingDiverged: a non-finite loss. A client's bytes never raise.
   """
   from fedbif_jax import train as train_lib
   from fedbif_jax.deploy import roles
+  from fedbif_jax.errors import ConfigError
   os.makedirs(workdir, exist_ok=True)
+  try:
+    train_lib.check_resumable(workdir, config)
+  except ConfigError as e:
+    log.error("error: %s", e)
+    raise
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  open(metrics_path, "w").close()
   server = roles.Server(config)
-  nodes = register_nodes(grid, config.num_clients, node_timeout)
+  manager = train_lib.checkpoint_manager(workdir)
+  start = server.restore(manager)
+  if start:
+    log.info("resumed from %s at round %d", manager.directory, start)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  rows = train_lib.rewind_jsonl(metrics_path, start)
+  nodes = register_nodes(grid, config.num_clients, node_timeout) if start < config.rounds else {}
   client_of = {n: c for c, n in nodes.items()}
-  rows = []
-  for t in range(config.rounds):
+  for t in range(start, config.rounds):
     rnd = server.open_round(t)
     downlink = _to_flower(rnd.message)
     messages = [Message(RecordDict({"downlink": downlink,
-                                    "round": ConfigRecord({"round": t, "client-id": int(c)})}),
+                                    "round": ConfigRecord({"round": t, "client-id": int(c),
+                                                           "run-key": server.run_key})}),
                         dst_node_id=nodes[int(c)], message_type=MessageType.TRAIN)
                 for c in rnd.plan.ids]
     replies, array_bytes, client_counts = {}, 0, {}
@@ -336,6 +393,7 @@ def run_server(grid: Grid, config, workdir: str, round_timeout: float = 600.0,
     rows.append(row)
     with open(metrics_path, "a") as f:
       f.write(json.dumps(row) + "\n")
+    server.save(manager, t + 1)  # a kill before this point redoes round t on resume
     log.info("round %d/%d  acc %.4f  loss %.4f  up %.3f bpp  down %.3f bpp  accepted %d/%d  "
              "sent down %d B (%d x %d)  received up %d B (accepted %d, ledger %d)  %.1fs",
              t + 1, config.rounds, row["test_accuracy"], row["test_loss"],
@@ -372,6 +430,55 @@ def _query(message: Message, context: Context) -> Message:
   return Message(RecordDict({"node": content}), reply_to=message)
 
 
+def _load_client_state(context: Context, run_key: str, role, t: int, client: int
+                       ) -> tuple[Any, bool]:
+  """(the state `client` starts round t from, whether that is not its state after its last
+  selection before t, as an uninterrupted run's would be). Read from its `roles.StateFiles` when
+  the SuperNode has a ``state-dir``, else from `Context.state` (which lasts as long as this Flower
+  run and SuperNode process). A state that is missing, from another round than its last selection
+  before t, or unreadable is logged; the newest one before t is used if there is one, the initial
+  one if not."""
+  from fedbif_jax.deploy import payload as payload_lib
+  from fedbif_jax.deploy import roles
+  expected = role.previous_round(t, client)
+  state_dir = context.node_config.get(STATE_DIR_KEY)
+  found = None
+  if state_dir:
+    found = roles.StateFiles(str(state_dir), run_key, client).newest_before(t)
+  elif STATE_KEY in context.state and STATE_ROUND_KEY in context.state:
+    r = int(context.state[STATE_ROUND_KEY]["round"])
+    if r < t:
+      found = r, read_array(context.state, STATE_KEY, "stored client state")[0]
+  state = None
+  if found is not None:
+    try:
+      state = payload_lib.validate(found[1], role.state_spec, "stored client state")
+    except PayloadError as e:
+      log.warning("client %d round %d: %s; ignored", client, t, e)
+      found = None
+  lost = expected is not None and (found is None or found[0] != expected)
+  if lost:
+    where = f"{STATE_DIR_KEY} {state_dir}" if state_dir else "this SuperNode's Context.state"
+    log.warning("client %d round %d: no state from its round %d in %s; it starts from %s (the run "
+                "no longer equals an uninterrupted one)", client, t, expected, where,
+                f"its state from round {found[0]}" if found else "its initial state")
+  if state is None:
+    state = role.initial_state(client)
+  return state, lost
+
+
+def _save_client_state(context: Context, run_key: str, t: int, client: int,
+                       data: np.ndarray) -> None:
+  """Keeps `client`'s state after round t where `_load_client_state` looks for it."""
+  from fedbif_jax.deploy import roles
+  state_dir = context.node_config.get(STATE_DIR_KEY)
+  if state_dir:
+    roles.StateFiles(str(state_dir), run_key, client).save(t, data)
+  else:
+    context.state[STATE_KEY] = _to_flower(data)
+    context.state[STATE_ROUND_KEY] = ConfigRecord({"round": int(t)})
+
+
 @client_app.train()
 def _train(message: Message, context: Context) -> Message:
   _log_to_stdout()
@@ -385,18 +492,15 @@ def _train(message: Message, context: Context) -> Message:
   role = _client_role(context.run_config)
   setup = time.time() - started
   downlink, _ = read_array(message.content, "downlink", "downlink")
-  if STATE_KEY in context.state:  # kept by the SuperNode since this client's last round
-    stored, _ = read_array(context.state, STATE_KEY, "stored client state")
-    state = payload_lib.validate(stored, role.state_spec, "stored client state")
-  else:
-    state = role.initial_state(client)
+  run_key = str(round_info.get("run-key", ""))
+  state, lost = _load_client_state(context, run_key, role, t, client)
   uplink, metrics, new_state = role.train(t, client, downlink, state)
-  context.state[STATE_KEY] = _to_flower(payload_lib.to_array(new_state))
+  _save_client_state(context, run_key, t, client, payload_lib.to_array(new_state))
   log.info("client %d round %d: received %d B, sent %d B, loss %.4f, %.1fs (setup %.1fs)", client,
            t, downlink.size, uplink.size, metrics["loss_sum"] / max(metrics["count"], 1.0),
            time.time() - started, setup)
   metrics = MetricRecord({**metrics, "downlink_bytes": int(downlink.size),
-                          "uplink_bytes": int(uplink.size)})
+                          "uplink_bytes": int(uplink.size), "state_lost": int(lost)})
   return Message(RecordDict({"uplink": _to_flower(uplink), "metrics": metrics}), reply_to=message)
 
 
@@ -434,9 +538,18 @@ def superlink_command(port: int) -> list[str]:
           "--disable-runtime-dependency-installation"]
 
 
-def supernode_command(superlink: str, partition_id: int, port: int) -> list[str]:
+def supernode_command(superlink: str, partition_id: int, port: int,
+                      state_dir: str | None = None) -> list[str]:
+  """``flower-supernode`` for client `partition_id`; with `state_dir`, the client keeps its state
+  in files there (`roles.StateFiles`), else in the SuperNode's memory for one run only."""
+  node_config = f"{PARTITION_KEY}={int(partition_id)}"
+  if state_dir:
+    state_dir = os.path.abspath(state_dir)
+    if "'" in state_dir:  # a TOML literal string in Flower's node config
+      raise ValueError(f"--state-dir: must not contain a single quote, got {state_dir!r}")
+    node_config += f" {STATE_DIR_KEY}='{state_dir}'"
   return [_bin("flower-supernode"), "--insecure", "--superlink", superlink, "--host", "127.0.0.1",
-          "--port", str(port), "--node-config", f"{PARTITION_KEY}={int(partition_id)}"]
+          "--port", str(port), "--node-config", node_config]
 
 
 def write_app(workdir: str, config_path: str, overrides: Sequence[str],
@@ -607,6 +720,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--superlink", default="127.0.0.1:9093", help="the SuperLink's host:port")
   p.add_argument("--partition-id", type=int, required=True, help="the client id it trains")
   p.add_argument("--port", type=int, default=0, help="its runtime API port (default: free)")
+  p.add_argument("--state-dir", default=None,
+                 help="where the client keeps its state between rounds, so that it survives a "
+                      "restart of the server or of this SuperNode (default: "
+                      "<home>/client-state-<partition-id>)")
   common(p)
   for name, text in (("run", "submit a run to a running SuperLink and stream its log"),
                      ("local", "start a SuperLink and config.num_clients SuperNodes on "
@@ -624,12 +741,15 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _check_config(path: str, overrides: Sequence[str]):
+def _check_config(path: str, overrides: Sequence[str], workdir: str):
+  """The config, checked, and that `workdir` holds no run of another config (the server checks
+  it again on its machine); prints the one-line error and exits with 2 otherwise."""
   from fedbif_jax.errors import ConfigError
-  from fedbif_jax.train import validate_config
+  from fedbif_jax.train import check_resumable, validate_config
   try:
     config = load_config(path, overrides)
     validate_config(config)
+    check_resumable(workdir, config)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -660,19 +780,29 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command == "supernode":
     port = args.port or free_port()
     home = os.path.join(args.home, f"supernode-{args.partition_id}-{port}")
+    state_dir = args.state_dir or os.path.join(args.home, f"client-state-{args.partition_id}")
+    try:
+      command = supernode_command(args.superlink, args.partition_id, port, state_dir)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
     os.makedirs(home, exist_ok=True)
-    command = supernode_command(args.superlink, args.partition_id, port)
     os.execve(command[0], command, process_env(home, jax_cache))
 
-  config = _check_config(args.config, overrides)
   workdir = os.path.abspath(args.workdir)
+  config = _check_config(args.config, overrides, workdir)
+  if args.command == "local" and "'" in workdir:  # see supernode_command
+    print(f"error: --workdir: must not contain a single quote (it holds the SuperNodes' state "
+          f"folders), got {workdir!r}", file=sys.stderr)
+    return 2
   os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
   if args.command == "run":
     command, home = run_command(workdir, args.superlink, args.config, overrides,
                                 args.round_timeout, args.node_timeout)
     return _finish(workdir, subprocess.run(command, env=process_env(home, jax_cache)).returncode)
 
-  # local: everything on 127.0.0.1, free ports, logs under <workdir>/logs.
+  # local: everything on 127.0.0.1, free ports, logs under <workdir>/logs; each SuperNode keeps
+  # its client's state under its FLWR_HOME, so that running this command again resumes the run.
   base = os.path.join(workdir, "flower_home")
   port = free_port()
   processes = []
@@ -683,8 +813,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     wait_for_superlink(port, process=processes[0])
     for c in range(config.num_clients):
       env = process_env(os.path.join(base, f"supernode-{c}"), jax_cache)
-      processes.append(start(supernode_command(f"127.0.0.1:{port}", c, free_port()), env,
-                             os.path.join(workdir, "logs", f"supernode-{c}.log")))
+      command = supernode_command(f"127.0.0.1:{port}", c, free_port(),
+                                  os.path.join(base, f"supernode-{c}", "client-state"))
+      processes.append(start(command, env, os.path.join(workdir, "logs", f"supernode-{c}.log")))
     print(f"SuperLink on 127.0.0.1:{port}, {config.num_clients} SuperNodes; logs in "
           f"{workdir}/logs", flush=True)
     command, home = run_command(workdir, f"127.0.0.1:{port}", args.config, overrides,

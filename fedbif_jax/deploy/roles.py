@@ -16,18 +16,29 @@ keys) and plan round t with `train.plan_round`, so a deployment computes the sim
   dropped with a logged one-line reason; the others are aggregated (``algorithm.aggregate``)
   with the plan's weights renormalised over them (unchanged when nobody is dropped). Then the
   global model is evaluated and the round's row is returned: accuracy and losses, who was
-  accepted or dropped and why, the ledger of `train.traffic` over the accepted clients, and the
-  payload bytes actually sent and received.
+  accepted or dropped and why, which clients had lost their state (``state_lost``), the ledger
+  of `train.traffic` over the accepted clients, and the payload bytes actually sent and received.
 
 With every client accepted, the server state after round t equals the simulator's bit for bit on
 the same backend (``parallel=sequential``, the CPU default): the same jitted functions see the same
 values, only their route differs (encoded, sent, decoded). Other backends agree to float rounding.
+
+Resume. Everything random in round t derives from the config and t (`train.plan_round`), so a
+round depends only on the state before it: the server's (`Server.save` / `Server.restore`: the
+simulator's orbax checkpoints, `train.checkpoint_manager`) and each client's own. A client keeps
+its state on its own disk (`StateFiles`, one file per round it trained, under a random key that
+identifies the run and is saved in the server's checkpoint), so that a restarted server, which is
+a new Flower run, and a restarted client both find the state before the round they are asked to
+(re)do. `Client.previous_round` says which round's state that must be.
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import time
+import uuid
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -83,6 +94,15 @@ def _client_metrics(metrics: Any, name: str) -> tuple[float, float]:
   return loss_sum, count
 
 
+def _number(metrics: Any, key: str) -> float:
+  """metrics[key] as a float; 0.0 when it is missing or not a finite number."""
+  try:
+    value = float(metrics.get(key, 0.0))
+  except Exception:  # noqa: BLE001 - a client's metrics are untrusted
+    return 0.0
+  return value if math.isfinite(value) else 0.0
+
+
 def _stack(payloads: list) -> Any:
   return jax.tree.map(lambda *xs: np.stack(xs), *payloads)
 
@@ -107,6 +127,29 @@ class Server:
     self._evaluate = metrics_lib.make_evaluator(job.model, algorithm.eval_variables, job.dataset,
                                                 config.eval_batch_size)
     self._client_state = jax.eval_shape(algorithm.init_client, job.k_clients, job.variables)
+    # Names this run to the clients (their state files); a resumed run keeps its checkpoint's.
+    self.run_key = uuid.uuid4().hex
+
+  def save(self, manager, rounds: int) -> None:
+    """Checkpoints the state after `rounds` rounds (orbax step `rounds`, with the run key) and
+    waits until it is on disk: the next round starts only then, so a client is never more than
+    one round ahead of the newest checkpoint (`StateFiles` keeps what a resume needs)."""
+    import orbax.checkpoint as ocp
+    key = np.frombuffer(bytes.fromhex(self.run_key), np.uint8)
+    manager.save(rounds, args=ocp.args.StandardSave({"server": self.state, "run_key": key}))
+    manager.wait_until_finished()
+
+  def restore(self, manager) -> int:
+    """Loads the newest checkpoint of `manager`, if any, as `save` wrote it (the state, on the
+    device the state lives on, and the run key); returns the rounds it holds, 0 without one."""
+    import orbax.checkpoint as ocp
+    step = manager.latest_step()
+    if step is None:
+      return 0
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    self.state = jax.device_put(restored["server"], jax.local_devices()[0])
+    self.run_key = np.asarray(restored["run_key"], np.uint8).tobytes().hex()
+    return int(step)
 
   def open_round(self, t: int) -> Round:
     started = time.time()
@@ -126,12 +169,16 @@ class Server:
       train.TrainingDiverged: the aggregated model has a non-finite loss.
     """
     t, ids = rnd.t, [int(c) for c in rnd.plan.ids]
-    accepted, uplinks, loss_sums, counts, dropped = [], [], [], [], {}
+    accepted, uplinks, loss_sums, counts, dropped, state_lost = [], [], [], [], {}, []
     received = accepted_bytes = 0
     for i, c in enumerate(ids):
       reply = replies.get(c, "no reply")
       if isinstance(reply, Reply):
         received += _nbytes(reply.data)
+        if _number(reply.metrics, "state_lost"):
+          state_lost.append(c)
+          log.warning("round %d: client %d had lost its state after its previous round (see its "
+                      "log); the run no longer equals an uninterrupted one", t, c)
       name = f"uplink of client {c}"
       try:
         if not isinstance(reply, Reply):
@@ -149,7 +196,7 @@ class Server:
       accepted_bytes += _nbytes(reply.data)
 
     row = {"round": t, "selected": ids, "accepted": [ids[i] for i in accepted],
-           "dropped": {str(c): r for c, r in dropped.items()}}
+           "dropped": {str(c): r for c, r in dropped.items()}, "state_lost": state_lost}
     if accepted:
       weights = rnd.plan.info.weights
       if len(accepted) < len(ids):  # renormalise over the clients that made it
@@ -204,6 +251,15 @@ class Client:
     self.state_spec = payload_lib.spec_of(
         jax.eval_shape(job.algorithm.init_client, job.k_clients, job.variables))
 
+  def previous_round(self, t: int, client_id: int) -> int | None:
+    """The last round before t that selected `client_id` (whose state it starts round t from);
+    None when round t is its first."""
+    c = self.config
+    for r in range(t - 1, -1, -1):
+      if int(client_id) in train_lib.sample_clients(c.seed, r, c.num_clients, c.clients_per_round):
+        return r
+    return None
+
   def initial_state(self, client_id: int) -> Any:
     """Client `client_id`'s state before its first round, as the simulator creates it."""
     state = self._init(jax.random.fold_in(self.job.k_clients, int(client_id)), self.job.variables)
@@ -234,3 +290,53 @@ class Client:
     return (payload_lib.to_array(wire.unstack(uplinks, 0)),
             {"loss_sum": float(metrics["loss_sum"][0]), "count": float(metrics["count"][0])},
             new_state)
+
+
+class StateFiles:
+  """One client's persistent state on its own disk, so that it outlives the process that trained
+  it, the SuperNode and the Flower run (a restarted server is a new run, and Flower gives every
+  run a fresh ``Context.state``).
+
+  ``<directory>/<run_key>/client-<id>/round-<t>.state`` holds the `wire.encode` bytes of the state
+  after the client's round t, written to a temporary file and renamed (a killed writer leaves the
+  previous file). The newest `KEEP` are kept: the server checkpoints every round before it starts
+  the next, so it resumes at most one round behind the newest round a client trained, and the
+  state before any round it can ask for again is among them.
+  """
+
+  KEEP = 2
+  _NAME = re.compile(r"round-(\d+)\.state")
+
+  def __init__(self, directory: str, run_key: str, client_id: int):
+    if not re.fullmatch(r"[0-9a-f]{32}", run_key):
+      raise ValueError(f"run-key: must be 32 lowercase hex digits, got {run_key[:40]!r}")
+    self.directory = os.path.join(os.path.abspath(directory), run_key, f"client-{int(client_id)}")
+
+  def rounds(self) -> list[int]:
+    """The rounds whose state is on disk, ascending."""
+    if not os.path.isdir(self.directory):
+      return []
+    found = (self._NAME.fullmatch(name) for name in os.listdir(self.directory))
+    return sorted(int(m.group(1)) for m in found if m)
+
+  def newest_before(self, t: int) -> tuple[int, np.ndarray] | None:
+    """(r, the state bytes after round r) for the newest stored r < t, or None."""
+    for r in reversed(self.rounds()):
+      if r < t:
+        return r, np.fromfile(self._path(r), np.uint8)
+    return None
+
+  def save(self, t: int, data: np.ndarray) -> None:
+    """Stores the state after round t (a uint8 array) and drops all but the newest `KEEP`."""
+    os.makedirs(self.directory, exist_ok=True)
+    tmp = f"{self._path(t)}.tmp{os.getpid()}"
+    np.ascontiguousarray(data, np.uint8).tofile(tmp)
+    os.replace(tmp, self._path(t))
+    for r in self.rounds()[:-self.KEEP]:
+      try:
+        os.remove(self._path(r))
+      except FileNotFoundError:  # another process of this client removed it first
+        pass
+
+  def _path(self, t: int) -> str:
+    return os.path.join(self.directory, f"round-{int(t)}.state")
