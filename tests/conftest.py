@@ -11,6 +11,21 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
 
+# XLA's compiled programs are kept on disk and reused, within a run of the suite (many tests
+# compile the same small programs) and across runs: the persistent cache is keyed by the program,
+# the jax version and the flags, so a hit is the program a compile would make. Subprocesses
+# (launch.py, the Flower tests) inherit it. FEDBIF_TEST_JAX_CACHE=off turns it off,
+# FEDBIF_TEST_JAX_CACHE=DIR moves it (it is not size-limited: a size limit needs `filelock`; the
+# suite's programs take tens of MB, delete the folder to reclaim them).
+_CACHE = os.environ.get("FEDBIF_TEST_JAX_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "fedbif_jax", "jax-tests"))
+if _CACHE != "off" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  import jax  # a plugin may have imported jax before this file: set the options, not only env
+  jax.config.update("jax_compilation_cache_dir", _CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -270,6 +270,7 @@ def test_dadaquant_client_derives_its_level_from_the_broadcast():
 # ----------------------------------------------------------------------------- engine runs
 
 
+@pytest.mark.slow
 # Measured on the 2-core CPU after rounds 0 and 1 (test accuracy; test loss): SignSGD 0.075,
 # 0.192; 3.27, 2.72 (its server step is 0.001 per vote); FedPAQ 0.506, 0.808; 1.79, 1.05; FedDQ
 # 0.506, 0.817; DAdaQuant 0.439, 0.822; 1.80, 1.00. Chance is 0.1 on the 10 digit classes.
@@ -351,6 +352,7 @@ def test_bad_baseline_config_is_one_line(tmp_path, overrides, field):
   assert message.startswith(field + ":") and "\n" not in message, message
 
 
+@pytest.mark.slow
 def test_signsgd_resumes_to_the_same_rounds(tmp_path):
   """SignSGD's state lives on both sides (the clients' model copies, the server's vote and key):
   dropping the last checkpoint and rerunning replays that round exactly."""

@@ -207,6 +207,7 @@ def _server_round(params, m, seed, encoding="offset"):
   return unflat(alphas), unflat(ints), unflat(received)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m", [1, 4, 8])
 def test_weights_from_bits_right_after_inherit_equals_dequantized_server_model(m):
   params = _params()
@@ -446,6 +447,7 @@ def test_hard_bits_is_positive_part_as_uint8():
   np.testing.assert_array_equal(np.asarray(hb), [[0, 0, 1]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits_m,active_bits,encoding,selector", [
     (4, 1, "offset", "sequential"), (8, 2, "offset", "sequential"), (4, 1, "offset", "random"),
     (4, 1, "sign_magnitude", "sequential"), (4, 2, "sign_magnitude", "random")])

@@ -23,6 +23,7 @@ def _launch(workdir, *overrides, wait=True):
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # launch.py's error path stays in the fast tier through the workdir test
 @pytest.mark.parametrize("override, field", [
     ("--config.fedbif.bits=9", "fedbif.bits"),
     ("--config.algorithm=fedprox", "algorithm"),
@@ -38,6 +39,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, override, field):
   assert len(errors) == 1 and field in errors[0], result.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_to_the_same_summary(tmp_path):
   args = ("--config.rounds=12", "--config.checkpoint_every=2")
   reference = _launch(tmp_path / "uninterrupted", *args)
@@ -73,6 +75,7 @@ def _one_error_line(result, *fragments):
   assert len(errors) == 1 and all(f in errors[0] for f in fragments), result.stderr
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_config_is_refused(tmp_path):
   workdir = tmp_path / "run"
   first = _launch(workdir, "--config.rounds=2", "--config.checkpoint_every=1")

@@ -71,6 +71,7 @@ def test_unknown_variant_is_a_config_error():
     _load("svhn_vgg11").get_config("smoky")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [p[0] for p in PAPER])
 def test_smoke_variant_runs(tmp_path, name):
   tfds = pytest.importorskip("tensorflow_datasets")

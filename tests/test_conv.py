@@ -31,6 +31,7 @@ def _ours(x, w, stride, padding):
   return conv.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=conv.NHWC)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,k,stride,padding", GEOMETRIES)
 def test_equals_lax_plain_and_vmapped(shape, k, stride, padding):
   n, h, w, c_in, c_out = shape

@@ -63,6 +63,7 @@ def _setup(digits, algorithm="fedbif", model=None, **kw):
   return config, algo, local, server, variables, data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedbif"])
 def test_fully_masked_step_changes_nothing(digits, algorithm):
   _, algo, local, server, variables, data = _setup(digits, algorithm)
@@ -75,6 +76,7 @@ def test_fully_masked_step_changes_nothing(digits, algorithm):
   assert int(after.step) == 2
 
 
+@pytest.mark.slow
 def test_padded_examples_do_not_count(digits):
   """A batch [a, b, c, d] with mask [1, 1, 0, 0] steps exactly like [a, b, a, b] unmasked."""
   _, algo, local, server, variables, data = _setup(digits, "fedbif")
@@ -91,6 +93,7 @@ def test_padded_examples_do_not_count(digits):
   assert any(jax.tree.leaves(changed)), "a real step must change the trainable leaves"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedbif"])
 def test_backends_agree(digits, algorithm):
   """sequential (1 device; 4 devices; unroll 3 over 2 devices, which runs whole chunks and
@@ -189,17 +192,20 @@ def test_run_writes_metrics_summary_and_bits(tmp_path):
   assert json.load(open(tmp_path / "config.json"))["fedbif"]["bits"] == 4
 
 
+@pytest.mark.slow
 def test_fedavg_run_is_32_bits_both_ways(tmp_path):
   summary = train_and_evaluate(small_config(algorithm="fedavg", rounds=1), str(tmp_path))
   assert summary["mean_uplink_bpp"] == 32.0 and summary["mean_downlink_bpp"] == 32.0
 
 
+@pytest.mark.slow
 def test_fedbif_bpp_follows_bits_and_active_bits(tmp_path):
   summary = train_and_evaluate(small_config(rounds=1, fedbif__bits=8, fedbif__active_bits=2),
                                str(tmp_path))
   assert summary["mean_uplink_bpp"] == 2.0 and summary["mean_downlink_bpp"] == 8.0
 
 
+@pytest.mark.slow
 def test_client_state_persists_only_for_selected_clients(tmp_path, monkeypatch):
   """With 2 of 5 clients per round, a client's virtual bits change only in rounds it trains."""
   from fedbif_jax import train as train_lib
@@ -222,6 +228,7 @@ def test_client_state_persists_only_for_selected_clients(tmp_path, monkeypatch):
       assert same == (c not in selected), (c, selected)
 
 
+@pytest.mark.slow
 def test_tfds_source_runs_through_the_engine(tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=40):
@@ -265,6 +272,7 @@ def test_bad_config_names_the_field(tmp_path, overrides, field):
   assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_previous_checkpoint_resumes(
     tmp_path, monkeypatch):
   import errno
@@ -313,6 +321,7 @@ def test_a_workdir_that_cannot_take_files_is_one_line_before_any_work(tmp_path):
   assert os.listdir(tmp_path / "fine") == []
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
   real = metrics_lib.make_evaluator
   calls = []
@@ -342,6 +351,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
                        str(tmp_path / "fresh"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,unroll", [("sequential", 3), ("vmap", 1), ("sharded", 1)])
 def test_no_retracing_after_the_first_round(tmp_path, monkeypatch, backend, unroll):
   """Tracing runs the algorithm's Python functions; later rounds must reuse the compiled code,
@@ -405,11 +415,13 @@ def _counting_compiles():
     _COMPILES["on"] = False
 
 
+@pytest.mark.slow
 def test_sharded_backend_runs_the_engine(tmp_path):
   summary = train_and_evaluate(small_config(parallel="sharded", num_clients=3), str(tmp_path))
   assert summary["mean_uplink_bpp"] == 1.0 and summary["rounds"] == 2
 
 
+@pytest.mark.slow
 def test_many_clients_keep_state_on_host_and_device_memory_flat(tmp_path, monkeypatch):
   """1000 clients, 10 per round: client states live on the host; what the device holds after a
   round does not grow with the number of clients."""
@@ -435,6 +447,7 @@ def test_many_clients_keep_state_on_host_and_device_memory_flat(tmp_path, monkey
   assert many < 1.1 * few, (few, many)
 
 
+@pytest.mark.slow
 def test_lipschitz_and_histograms_every_k_rounds(tmp_path):
   train_and_evaluate(small_config(rounds=3, lipschitz_every=2), str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]

@@ -69,6 +69,7 @@ def test_choose_rules_by_hand():
   assert grid_lib.validation_score(rows) == pytest.approx((0.3 + 0.5 + 0.7) / 3)
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_tunes_runs_resumes_and_reports(tmp_path):
   root, tuned_path = str(tmp_path / "study"), str(tmp_path / "tuned.json")
   base = grid_lib.study_config("", smoke=True)

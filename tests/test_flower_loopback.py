@@ -52,6 +52,7 @@ def _server_state_of_simulator(workdir):
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
 
 
+@pytest.mark.slow
 def test_three_clients_over_flower_match_the_simulator_and_the_ledger(tmp_path):
   from fedbif_jax.deploy import flower
 

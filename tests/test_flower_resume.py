@@ -24,8 +24,8 @@ wrong client state shows in the model.
   uninterrupted deployment equals it) bit for bit. The simulator runs first and fills the JAX
   compilation cache the deployments share.
 
-The rounds (done when killed, resumed at, finished) are printed (``pytest -rA`` shows them) and
-in every assertion message. Both tests take more than 20 s (``slow``): about 60 s in one process
+The rounds (done when killed, resumed at, finished) are printed to the terminal even when the
+tests pass (so CI's log shows them), and are in every assertion message. Both tests take more than 20 s (``slow``): about 60 s in one process
 and 2 minutes over processes on the busy 2-core CPU.
 """
 import glob
@@ -104,7 +104,7 @@ def _same_model(a, b):
 
 
 @pytest.mark.slow
-def test_a_resumed_server_in_process_equals_an_uninterrupted_one(tmp_path, serverapp):
+def test_a_resumed_server_in_process_equals_an_uninterrupted_one(tmp_path, serverapp, capsys):
   from fedbif_jax.deploy import flower
   from fedbif_jax.errors import ConfigError
   config = flower.load_config(CONFIG, OVERRIDES)
@@ -137,7 +137,8 @@ def test_a_resumed_server_in_process_equals_an_uninterrupted_one(tmp_path, serve
   where = (f"killed with {killed_after} of {ROUNDS} rounds in metrics.jsonl (+1 row past the "
            f"checkpoint, +1 torn line), {resumed}, finished with rounds "
            f"{[r['round'] for r in rows]}")
-  print(f"in process: {where}")
+  with capsys.disabled():  # in CI's output even when the test passes
+    print(f"\n[flower resume] in process: {where}")
   assert killed_after == 1 and resumed == [
       f"resumed from {workdir / 'checkpoints'} at round 1"], where
   assert [r["round"] for r in rows] == list(range(ROUNDS)), where
@@ -190,7 +191,7 @@ def _kill_all(process):
 
 
 @pytest.mark.slow
-def test_sigkill_of_the_whole_deployment_then_the_same_command_resumes(tmp_path):
+def test_sigkill_of_the_whole_deployment_then_the_same_command_resumes(tmp_path, capsys):
   from fedbif_jax.deploy import flower
   overrides = COMMON + [f"--config.rounds={DEPLOYED_ROUNDS}"]
   cache = str(tmp_path / "jax_cache")
@@ -247,7 +248,8 @@ def test_sigkill_of_the_whole_deployment_then_the_same_command_resumes(tmp_path)
   rows = _rows(workdir)
   where = (f"killed with {done_at_kill} of {DEPLOYED_ROUNDS} rounds in metrics.jsonl, resumed at "
            f"round {resumed_at}, finished with rounds {[r['round'] for r in rows]}")
-  print(f"deployment: {where}")
+  with capsys.disabled():
+    print(f"\n[flower resume] deployment: {where}")
   assert not leftovers, f"processes left running: {leftovers}"
   assert returncode == 0, f"{where}\n{log[-4000:]}"
   assert resumed == [f"resumed from {workdir / 'checkpoints'} at round {resumed_at}"], \

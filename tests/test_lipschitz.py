@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fedbif_jax.lipschitz import linear_layers, lipschitz_upper_bound, spectral_norm
 from fedbif_jax.models import get_model
@@ -66,6 +67,7 @@ def test_batchnorm_is_folded_into_the_conv_before_it():
   np.testing.assert_allclose(bound, exact, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_cnn_bound_is_above_the_networks_local_gain():
   """The product bound must dominate the spectral norm of the input-output Jacobian."""
   model = get_model("cnn", 10)

@@ -119,6 +119,7 @@ def test_vgg_rejects_images_smaller_than_32():
 # ------------------------------------------- FedBiF forward and backward, 2 clients
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, classes", [(n, c) for n, c, _, _ in MODEL_CASES])
 def test_fedbif_trains_every_model_jitted_for_two_clients(name, classes):
   """Broadcast, 2 clients x 1 jitted step (forward + backward through the virtual bits,
@@ -182,6 +183,7 @@ def test_fedbif_trains_every_model_jitted_for_two_clients(name, classes):
 # ------------------------------------------------------------------ BatchNorm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, shape", [("vgg11_lite", CIFAR), ("resnet18", CIFAR)])
 def test_batchnorm_ignores_padded_examples(name, shape):
   """[a, b, junk, junk] with mask [1, 1, 0, 0] gives a and b the logits and the running
@@ -215,6 +217,7 @@ class _TinyBN(nn.Module):
     return nn.Dense(10, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedbif"])
 def test_aggregated_batchnorm_statistics_are_the_weighted_client_mean(algorithm):
   """3 clients train on different labels (unequal sizes, Dirichlet); the server's running
@@ -287,6 +290,7 @@ def test_full_precision_first_last_predicate():
     bit_trained_predicate(model, (1,) + CIFAR, "yes")
 
 
+@pytest.mark.slow
 def test_full_precision_first_last_in_a_run(tmp_path):
   """The first and last kernels travel as float32 both ways; the bpp columns count the other
   kernels only (the ledger's kernel count uses the same predicate, or uplink bpp would be < 1)."""
@@ -312,6 +316,7 @@ def test_full_precision_first_last_in_a_run(tmp_path):
 # ------------------------------------------------------ augmentation in the step
 
 
+@pytest.mark.slow
 def test_client_step_augments_with_the_step_key():
   """crop_flip changes what a step trains on, identically for the same key, differently for
   another; "none" steps on the images as they are."""
@@ -356,6 +361,7 @@ class _AvgPoolBN(nn.Module):
     return nn.Dense(10, name="head")(x.reshape((x.shape[0], -1)))
 
 
+@pytest.mark.slow
 def test_backends_agree_with_augmentation_and_batchnorm():
   """Clients of unequal size have fully masked steps between epochs, which the sequential
   backend skips and vmap runs: augmentation keyed by real steps draws the same crops on both,

@@ -52,6 +52,7 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_two_processes_shard_clients_and_match_one_process(tmp_path):
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
   logs, codes = _run_two_processes(multi, [], devices_each=2)

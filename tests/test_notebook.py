@@ -21,6 +21,7 @@ def test_notebook_is_committed_with_outputs_cleared():
       assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
 
 
+@pytest.mark.slow
 def test_notebook_runs_in_smoke_mode(monkeypatch):
   monkeypatch.setenv("FEDBIF_NOTEBOOK_SMOKE", "1")
   nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -320,6 +320,7 @@ def fedbif_run(tmp_path_factory):
   return recorded_run(config, tmp_path_factory.mktemp("fedbif"))
 
 
+@pytest.mark.slow
 def test_fedbif_trains_well_above_chance_and_its_loss_falls(fedbif_run):
   """Measured on the 2-core CPU: test accuracy 0.256, 0.317, 0.344, 0.353, 0.531, 0.622;
   train loss 4.77 -> 1.49 (partition sizes 444, 390, 347, 256)."""
@@ -402,6 +403,7 @@ def sign_fixed_no_vbi_run(tmp_path_factory):
   return recorded_run(config, tmp_path_factory.mktemp("ablations"), _TinyCNN())
 
 
+@pytest.mark.slow
 def test_sign_magnitude_through_the_engine(sign_fixed_no_vbi_run):
   rec = sign_fixed_no_vbi_run
   ints = np.concatenate([b.values.ravel() for d in rec.downlinks
@@ -441,6 +443,7 @@ def random_selector_run(tmp_path_factory):
   return recorded_run(config, tmp_path_factory.mktemp("random"), _TinyCNN())
 
 
+@pytest.mark.slow
 def test_random_selector_through_the_engine(random_selector_run):
   rec = random_selector_run
   masks = [tuple(np.flatnonzero(d["active"]).tolist()) for d in rec.downlinks]

@@ -294,6 +294,7 @@ def test_check_active_bits_accepts_numpy_integers_like_check_bits():
 # ----------------------------------------------------------------------------- flip_rate
 
 
+@pytest.mark.slow
 @_FAST
 @given(st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (6, 2), (6, 3), (8, 1),
                         (8, 2), (8, 4)]),

@@ -120,6 +120,7 @@ class _MLP(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+@pytest.mark.slow
 def test_init_scale_equals_step_scale_for_sgd_through_the_engine(tmp_path, make_config,
                                                                  monkeypatch):
   """Virtual bits drawn c = 1/sqrt(10) times smaller (stacked_fan_in) and trained with lr follow
@@ -182,6 +183,7 @@ def test_validation_split_errors():
     data_lib.load_dataset("builtin", validation=-1)
 
 
+@pytest.mark.slow
 def test_tuning_run_never_reads_the_test_set(tmp_path, make_config, monkeypatch):
   made = []
   real = metrics_lib.make_evaluator

@@ -200,6 +200,7 @@ def _payloads(algorithm, input_shape=(8, 8, 1), num_clients=3, **overrides):
   return downlink, jax.tree.map(lambda *x: jnp.stack(x), *ups), variables
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_every_algorithms_payloads_roundtrip(algorithm):
   downlink, uplinks, _ = _payloads(algorithm)
@@ -209,6 +210,7 @@ def test_every_algorithms_payloads_roundtrip(algorithm):
     assert wire.verify(wire.unstack(uplinks, i)) == sizes[i]
 
 
+@pytest.mark.slow
 def test_fedbif_1_4_on_the_cifar_cnn_is_exactly_1_and_4_bpp():
   """The ledger's figures for the 545k-parameter CNN, per client, with the bytes worked out."""
   downlink, uplinks, variables = _payloads("fedbif", input_shape=(32, 32, 3), num_clients=2)
