@@ -471,7 +471,6 @@ def claims(table, abl, partitions, targets) -> list[str]:
   """The paper's claims, each with the numbers that decide it at this scale (means over seeds;
   a gap is called within noise when smaller than twice the larger sample std)."""
   out = []
-  noise = _within_noise
   for p in partitions:
     mine = _mean(table.get(("fedbif", p), []), "best_accuracy")
     if mine[0] is None:
@@ -483,7 +482,7 @@ def claims(table, abl, partitions, targets) -> list[str]:
         continue
       gap = 100 * (mine[0] - other[0])
       beaten_all &= gap > 0
-      parts.append(f"{LABELS[v]} {gap:+.1f}" + (" (within noise)" if noise(mine, other) else ""))
+      parts.append(f"{LABELS[v]} {gap:+.1f}" + (" (within noise)" if _within_noise(mine, other) else ""))
     if parts:
       out.append(f"- *FedBiF-1/4 (1 bpp up, 4 bpp down) beats FedAvg and every quantization "
                  f"baseline* ({PARTITION_LABELS[p]}, best accuracy): {_verdict(beaten_all)}. "
@@ -502,22 +501,23 @@ def claims(table, abl, partitions, targets) -> list[str]:
   for p in partitions:
     fb, fa = table.get(("fedbif", p), []), table.get(("fedavg", p), [])
     if targets.get(p) and fb and fa:
-      hit = lambda runs: [reach(r, targets[p]) for r in runs if r["summary"]]
-      hb, ha = [h for h in hit(fb) if h], [h for h in hit(fa) if h]
-      if ha and not hb:
-        out.append(f"- *FedBiF needs far fewer bytes to reach a given accuracy* "
-                   f"({PARTITION_LABELS[p]}, target {100 * targets[p]:.1f}%): "
-                   f"{_verdict(False)}. FedBiF never reaches the target (0/{len(hit(fb))} seeds); "
-                   f"FedAvg does at {np.mean([h[1] for h in ha]):.1f} MB (round "
-                   f"{np.mean([h[0] for h in ha]):.0f}).")
-      elif hb and ha:
-        out.append(f"- *FedBiF needs far fewer bytes to reach a given accuracy* "
-                   f"({PARTITION_LABELS[p]}, target {100 * targets[p]:.1f}%): "
-                   f"{_verdict(np.mean([h[1] for h in hb]) < np.mean([h[1] for h in ha]))}. "
-                   f"MB to target FedBiF {np.mean([h[1] for h in hb]):.1f} "
-                   f"({len(hb)}/{len(hit(fb))} seeds reach it, round "
-                   f"{np.mean([h[0] for h in hb]):.0f}) vs FedAvg "
-                   f"{np.mean([h[1] for h in ha]):.1f} (round {np.mean([h[0] for h in ha]):.0f}).")
+      reached_b = [reach(r, targets[p]) for r in fb if r["summary"]]
+      hb = [h for h in reached_b if h]
+      ha = [h for h in (reach(r, targets[p]) for r in fa if r["summary"]) if h]
+      if ha:
+        claim = (f"- *FedBiF needs far fewer bytes to reach a given accuracy* "
+                 f"({PARTITION_LABELS[p]}, target {100 * targets[p]:.1f}%): ")
+        mb_a, round_a = np.mean([h[1] for h in ha]), np.mean([h[0] for h in ha])
+        if not hb:
+          out.append(claim + f"{_verdict(False)}. FedBiF never reaches the target "
+                     f"(0/{len(reached_b)} seeds); FedAvg does at {mb_a:.1f} MB (round "
+                     f"{round_a:.0f}).")
+        else:
+          mb_b = np.mean([h[1] for h in hb])
+          out.append(claim + f"{_verdict(mb_b < mb_a)}. MB to target FedBiF {mb_b:.1f} "
+                     f"({len(hb)}/{len(reached_b)} seeds reach it, round "
+                     f"{np.mean([h[0] for h in hb]):.0f}) vs FedAvg {mb_a:.1f} (round "
+                     f"{round_a:.0f}).")
   sp = []
   for p in partitions:
     done = [r for r in table.get(("fedbif", p), []) if r["summary"]]

@@ -19,7 +19,7 @@ import optax
 from fedbif_jax import data as data_lib
 from fedbif_jax import xla_options
 from fedbif_jax.client import normalize
-from fedbif_jax.wire import Bits
+from fedbif_jax.wire import is_bits
 
 
 EVAL_SPLITS = ("test", "validation")
@@ -63,8 +63,8 @@ def make_evaluator(model, eval_variables: Callable, dataset, batch_size: int,
 
 
 def _weight_values(payload) -> list:
-  leaves = jax.tree.leaves(payload["weights"], is_leaf=lambda x: isinstance(x, Bits))
-  return [leaf.values if isinstance(leaf, Bits) else leaf for leaf in leaves]
+  leaves = jax.tree.leaves(payload["weights"], is_leaf=is_bits)
+  return [leaf.values if is_bits(leaf) else leaf for leaf in leaves]
 
 
 @jax.jit

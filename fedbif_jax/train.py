@@ -372,7 +372,7 @@ def _workdir_io(workdir: str, doing: str, manager: ocp.CheckpointManager | None)
         latest = manager.latest_step()
       except Exception:  # pylint: disable=broad-except
         latest = None
-    kept = (f"the round-{latest} checkpoint in {os.path.join(workdir, 'checkpoints')} is intact; "
+    kept = (f"the round-{latest} checkpoint in {manager.directory} is intact; "
             "free space and rerun the same command to resume from it" if latest is not None
             else "no checkpoint was written yet")
     raise ConfigError(f"workdir: {doing} in {workdir!r} failed ({cause.strerror or cause}); "
@@ -466,8 +466,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_data = runner.place(TrainData(dataset.x_train, dataset.y_train))
 
   # Resume from the last complete checkpoint, if any.
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   manager = checkpoint_manager(workdir)
+  ckpt_dir = str(manager.directory)
   start_round = 0
   if manager.latest_step() is not None:
     restored = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())

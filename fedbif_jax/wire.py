@@ -60,7 +60,8 @@ class Bits:
   width: jax.Array
 
 
-def _is_bits(x: Any) -> bool:
+def is_bits(x: Any) -> bool:
+  """Whether `x` is a `Bits` leaf (the ``is_leaf`` of every tree map over payloads)."""
   return isinstance(x, Bits)
 
 
@@ -83,7 +84,7 @@ def weight_bits(payload: Any) -> float:
   leaves and byte padding.
   """
   weights = payload.get("weights", {}) if isinstance(payload, dict) else {}
-  return sum(map(_leaf_bits, jax.tree.leaves(weights, is_leaf=_is_bits)))
+  return sum(map(_leaf_bits, jax.tree.leaves(weights, is_leaf=is_bits)))
 
 
 # ----------------------------------------------------------------------------- byte encoding
@@ -174,7 +175,7 @@ def encoded_size(payload: Any) -> int:
   """len(encode(payload)), from shapes, dtypes and widths (only the scalar widths leave the device,
   in one transfer)."""
   _check_keys(payload)
-  bits = [leaf for leaf in jax.tree.leaves(payload, is_leaf=_is_bits) if _is_bits(leaf)]
+  bits = [leaf for leaf in jax.tree.leaves(payload, is_leaf=is_bits) if is_bits(leaf)]
   widths = dict(zip(map(id, bits), jax.device_get([b.width for b in bits])))
 
   def width_of(b: Bits):
@@ -190,14 +191,14 @@ def encoded_sizes(stacked: Any) -> np.ndarray:
   Returns int64 [C] with ``out[i] == encoded_size(unstack(stacked, i))``, computed from shapes and
   the [C] widths (the only values copied to the host).
   """
-  leaves = jax.tree.leaves(stacked, is_leaf=_is_bits)
+  leaves = jax.tree.leaves(stacked, is_leaf=is_bits)
   if not leaves:
     raise WireError("payload: a stacked payload needs at least one leaf with a client axis")
-  num = int(np.shape(leaves[0].values if _is_bits(leaves[0]) else leaves[0])[0])
-  widths = jax.device_get([leaf.width for leaf in leaves if _is_bits(leaf)])
+  num = int(np.shape(leaves[0].values if is_bits(leaves[0]) else leaves[0])[0])
+  widths = jax.device_get([leaf.width for leaf in leaves if is_bits(leaf)])
   widths = [np.broadcast_to(np.asarray(w), (num,)) for w in widths]
   per_leaf = {}
-  for leaf, w in zip([leaf for leaf in leaves if _is_bits(leaf)], widths):
+  for leaf, w in zip([leaf for leaf in leaves if is_bits(leaf)], widths):
     per_leaf[id(leaf)] = w
 
   def sized(i):
@@ -375,8 +376,6 @@ def decode(data: bytes) -> Any:
   r.pos = len(MAGIC)
   try:
     payload = _decode_node(r)
-  except WireError:
-    raise
   except (ValueError, TypeError, OverflowError, MemoryError, IndexError, KeyError) as e:
     # UnicodeDecodeError is a ValueError.
     raise WireError(f"payload: malformed at byte {r.pos} ({type(e).__name__}: "
@@ -408,8 +407,8 @@ def verify(payload: Any, name: str = "payload") -> int:
   if len(data) != predicted:
     raise WireError(f"{name}: encoded_size predicted {predicted} bytes, the encoding has {len(data)}")
   host = jax.device_get(payload)
-  host = jax.tree.map(lambda b: Bits(b.values, np.asarray(b.width, np.int32)) if _is_bits(b) else b,
-                      host, is_leaf=_is_bits)
+  host = jax.tree.map(lambda b: Bits(b.values, np.asarray(b.width, np.int32)) if is_bits(b) else b,
+                      host, is_leaf=is_bits)
   if not _same(decode(data), host):
     raise WireError(f"{name}: the decoded payload differs from the one encoded")
   return len(data)

@@ -5,7 +5,7 @@ workdir and returns its ``metrics.jsonl`` rows and ``summary.json`` without the 
 `tests/test_golden.py` compares that with ``tests/golden/<case>.json``. A restructuring must leave
 every file equal; a deliberate change of behaviour re-records them, and its commit says why:
 
-  python tests/golden_cases.py            # re-records every case (about 3 minutes on 2 cores)
+  python tests/golden_cases.py            # re-records every case (1.5 minutes on the idle 2-core CPU)
   python tests/golden_cases.py fedavg     # only the cases whose name contains "fedavg"
 
 Runs use one device and the simulator's sequential-or-vmap choice of `parallel=auto` under the

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from fedbif_jax import bits as bits_lib
 from fedbif_jax.algorithms import base, updates
 from fedbif_jax.errors import check
-from fedbif_jax.wire import Bits
+from fedbif_jax.wire import Bits, is_bits
 
 MAX_LEVELS = 2 ** 15 - 1   # integers in [-q, q] stored as int16
 
@@ -138,7 +138,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
         lambda b, s: updates.weighted_sum_over_clients(
             updates.dequantize_levels(b.values, updates.client_axis(q, b.values),
                                       updates.client_axis(s, b.values)), weights),
-        uplinks["weights"], uplinks["scale"], is_leaf=lambda x: isinstance(x, Bits))
+        uplinks["weights"], uplinks["scale"], is_leaf=is_bits)
     params, model_state = updates.apply_mean_update(state, mean_delta, uplinks, weights, predicate)
     loss = jnp.sum(client_metrics["loss_sum"]) / jnp.maximum(jnp.sum(client_metrics["count"]), 1.0)
     return {"params": params, "model_state": model_state,

@@ -50,7 +50,7 @@ from fedbif_jax import quant
 from fedbif_jax import selectors
 from fedbif_jax.algorithms import base
 from fedbif_jax.errors import ConfigError, check, check_positive_number
-from fedbif_jax.wire import Bits
+from fedbif_jax.wire import Bits, is_bits
 
 
 # Per-bit step rules: every activated bit at the same scale, or bit i's step scaled by 2^-i.
@@ -187,10 +187,6 @@ def aggregate_by_recovery(active_bits: jax.Array, frozen_bits: jax.Array, active
   return alpha * jnp.sum(w * ints, axis=0)
 
 
-def _is_bits(x) -> bool:
-  return isinstance(x, Bits)
-
-
 def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   """FedBiF from a `config.fedbif` ConfigDict (bits, active_bits, selector, order, fixed_bits,
   encoding, vbi, bit_lr_scale, bit_step, bit_init). Validates it eagerly; raises ValueError
@@ -261,7 +257,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
 
   def received_bits(downlink):
     return jax.tree.map(lambda b: quant.to_bits(b.values, m, encoding), downlink["weights"],
-                        is_leaf=lambda x: isinstance(x, Bits))
+                        is_leaf=is_bits)
 
   def client_start(downlink, client_state, key):
     received = received_bits(downlink)
@@ -302,7 +298,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
       return alpha * (frozen_part.astype(jnp.float32) + active_part - 2.0 ** (m - 1))
 
     weights = jax.tree.map(leaf, trainable["active_bits"], downlink["alpha"], downlink["weights"],
-                           is_leaf=lambda x: isinstance(x, Bits))
+                           is_leaf=is_bits)
     return bits_lib.merge_params(weights, trainable["other"])
 
   def client_finish(downlink, client_state, local, key, stats):
@@ -326,7 +322,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
           up.values, quant.to_bits(q.values, m, encoding), downlink["active"], alpha, weights, m,
           encoding=encoding)
     new_weights = jax.tree.map(fold, uplinks["weights"], downlink["weights"], downlink["alpha"],
-                               is_leaf=lambda x: isinstance(x, Bits))
+                               is_leaf=is_bits)
     other = base.weighted_mean(uplinks["other"], weights)
     new_state = {"params": bits_lib.merge_params(new_weights, other),
                  "model_state": base.weighted_mean(uplinks["model_state"], weights),
@@ -342,8 +338,8 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     idx = selectors.active_indices(downlink["active"], s)
     counts = [(selectors.disagreements(up.values, quant.to_bits(q.values, m, encoding)[idx],
                                        weights), q.values.size)
-              for up, q in zip(jax.tree.leaves(uplinks["weights"], is_leaf=_is_bits),
-                               jax.tree.leaves(downlink["weights"], is_leaf=_is_bits))]
+              for up, q in zip(jax.tree.leaves(uplinks["weights"], is_leaf=is_bits),
+                               jax.tree.leaves(downlink["weights"], is_leaf=is_bits))]
     total = sum(c for c, _ in counts) / sum(n for _, n in counts)
     return jnp.zeros((m,), jnp.float32).at[idx].set(total)
 

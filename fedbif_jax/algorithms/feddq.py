@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from fedbif_jax import bits as bits_lib
 from fedbif_jax.algorithms import base, updates
 from fedbif_jax.errors import check, check_positive_number
-from fedbif_jax.wire import Bits
+from fedbif_jax.wire import Bits, is_bits
 
 GRANULARITIES = ("tensor", "model")
 ROUNDINGS = ("nearest", "stochastic")
@@ -117,7 +117,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
         lambda b, lo, f: updates.weighted_sum_over_clients(
             dequantize_minmax(b.values, updates.client_axis(f, b.values),
                               updates.client_axis(lo, b.values)), weights),
-        uplinks["weights"], uplinks["min"], uplinks["step"], is_leaf=lambda x: isinstance(x, Bits))
+        uplinks["weights"], uplinks["min"], uplinks["step"], is_leaf=is_bits)
     params, model_state = updates.apply_mean_update(state, mean_delta, uplinks, weights, predicate)
     return {"params": params, "model_state": model_state}
 

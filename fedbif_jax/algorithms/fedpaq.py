@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from fedbif_jax import bits as bits_lib
 from fedbif_jax.algorithms import base, updates
 from fedbif_jax.errors import check
-from fedbif_jax.wire import Bits
+from fedbif_jax.wire import Bits, is_bits
 
 
 def levels_for_bits(b: int) -> int:
@@ -66,7 +66,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
         lambda bits, s: updates.weighted_sum_over_clients(
             updates.dequantize_levels(bits.values, levels, updates.client_axis(s, bits.values)),
             weights),
-        uplinks["weights"], uplinks["scale"], is_leaf=lambda x: isinstance(x, Bits))
+        uplinks["weights"], uplinks["scale"], is_leaf=is_bits)
     params, model_state = updates.apply_mean_update(state, mean_delta, uplinks, weights, predicate)
     return {"params": params, "model_state": model_state}
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from fedbif_jax import bits as bits_lib
 from fedbif_jax.algorithms import base
 from fedbif_jax.errors import check, check_positive_number
-from fedbif_jax.wire import Bits
+from fedbif_jax.wire import Bits, is_bits
 
 TIE_BREAKS = ("random", "positive")
 
@@ -104,7 +104,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
 
   def vote_of(downlink):
     return jax.tree.map(lambda b: b.values, downlink["weights"],
-                        is_leaf=lambda x: isinstance(x, Bits))
+                        is_leaf=is_bits)
 
   def current_weights(downlink, client_state):
     return apply_vote(client_state["weights"], vote_of(downlink), downlink["step"])
@@ -133,7 +133,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   def aggregate(state, downlink, uplinks, weights, client_metrics):
     del downlink, client_metrics
     tie_key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["round"])
-    ups, treedef = jax.tree.flatten(uplinks["weights"], is_leaf=lambda x: isinstance(x, Bits))
+    ups, treedef = jax.tree.flatten(uplinks["weights"], is_leaf=is_bits)
     vote = jax.tree.unflatten(treedef, [majority_vote(u.values, jax.random.fold_in(tie_key, i),
                                                       tie_break) for i, u in enumerate(ups)])
     step = jnp.asarray(server_lr, jnp.float32)

@@ -436,19 +436,19 @@ def _stack_images(images: list[np.ndarray], label: str) -> np.ndarray:
   """
   shapes = sorted({im.shape for im in images})
   if len(shapes) > 1:
+    listed = ", ".join(str(list(s)) for s in shapes[:3]) + ("..." if len(shapes) > 3 else "")
     raise ConfigError(f"data.name: tfds split {label} has images of {len(shapes)} shapes "
-                      f"({', '.join(str(list(s)) for s in shapes[:3])}...): the models need one "
-                      "image size")
+                      f"({listed}): the models need one image size")
   if len(shapes[0]) not in (2, 3):
     raise ConfigError(f"data.name: tfds split {label} images must be [H, W] or [H, W, C], got "
                       f"shape {list(shapes[0])}")
   stacked = np.stack(images)
-  if stacked.dtype != np.uint8:
-    if not np.issubdtype(stacked.dtype, np.integer) or stacked.min() < 0 or stacked.max() > 255:
-      low, high = (stacked.min(), stacked.max()) if stacked.size else (0, 0)
+  if stacked.dtype != np.uint8 and stacked.size:
+    low, high = stacked.min(), stacked.max()
+    if not np.issubdtype(stacked.dtype, np.integer) or low < 0 or high > 255:
       raise ConfigError(f"data.name: tfds split {label} images must be uint8 pixels 0..255, got "
                         f"{stacked.dtype} with values {low}..{high}")
-  return stacked.astype(np.uint8)
+  return stacked.astype(np.uint8, copy=False)  # uint8 already (the usual case): no copy
 
 
 def _tfds_num_classes(source: Any) -> int | None:

@@ -538,15 +538,21 @@ def superlink_command(port: int) -> list[str]:
           "--disable-runtime-dependency-installation"]
 
 
+def check_quote_free(path: str, field: str, why: str = "") -> str:
+  """Returns `path`; raises ValueError naming `field` if it holds a single quote (a path goes into
+  Flower's node config as a TOML literal string, which cannot contain one)."""
+  if "'" in path:
+    raise ValueError(f"{field}: must not contain a single quote{why}, got {path!r}")
+  return path
+
+
 def supernode_command(superlink: str, partition_id: int, port: int,
                       state_dir: str | None = None) -> list[str]:
   """``flower-supernode`` for client `partition_id`; with `state_dir`, the client keeps its state
   in files there (`roles.StateFiles`), else in the SuperNode's memory for one run only."""
   node_config = f"{PARTITION_KEY}={int(partition_id)}"
   if state_dir:
-    state_dir = os.path.abspath(state_dir)
-    if "'" in state_dir:  # a TOML literal string in Flower's node config
-      raise ValueError(f"--state-dir: must not contain a single quote, got {state_dir!r}")
+    state_dir = check_quote_free(os.path.abspath(state_dir), "--state-dir")
     node_config += f" {STATE_DIR_KEY}='{state_dir}'"
   return [_bin("flower-supernode"), "--insecure", "--superlink", superlink, "--host", "127.0.0.1",
           "--port", str(port), "--node-config", node_config]
@@ -791,10 +797,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
   workdir = os.path.abspath(args.workdir)
   config = _check_config(args.config, overrides, workdir)
-  if args.command == "local" and "'" in workdir:  # see supernode_command
-    print(f"error: --workdir: must not contain a single quote (it holds the SuperNodes' state "
-          f"folders), got {workdir!r}", file=sys.stderr)
-    return 2
+  if args.command == "local":  # checked before anything starts: it holds the state folders
+    try:
+      check_quote_free(workdir, "--workdir", " (it holds the SuperNodes' state folders)")
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
   if args.command == "run":
     command, home = run_command(workdir, args.superlink, args.config, overrides,
