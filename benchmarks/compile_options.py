@@ -21,23 +21,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conv_grad import best_ms  # noqa: E402  (benchmarks/, this script's directory)
-from fedbif_jax import xla_options  # noqa: E402
-from fedbif_jax.algorithms import get_algorithm  # noqa: E402
-from fedbif_jax.algorithms.base import RoundInfo  # noqa: E402
-from fedbif_jax.client import Batches, TrainData, make_local_training  # noqa: E402
-from fedbif_jax.config import base_config  # noqa: E402
-from fedbif_jax.models import cnn as cnn_lib  # noqa: E402
-from fedbif_jax.models import conv, get_model  # noqa: E402
+from conv_grad import best_ms  # benchmarks/, this script's directory
+from fedbif_jax import xla_options
+from fedbif_jax.algorithms import get_algorithm
+from fedbif_jax.algorithms.base import RoundInfo
+from fedbif_jax.client import Batches, TrainData, make_local_training
+from fedbif_jax.config import base_config
+from fedbif_jax.models import cnn as cnn_lib
+from fedbif_jax.models import conv, get_model
 
 OPTIONS = {"defaults": None, "train": xla_options.CPU_COMPILER_OPTIONS["train"],
            "server": xla_options.CPU_COMPILER_OPTIONS["server"]}

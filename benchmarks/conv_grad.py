@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fedbif_jax import xla_options  # noqa: E402
+from fedbif_jax import xla_options
 
 SHAPES = [(32, 3, 32), (16, 32, 64), (32, 3, 64), (32, 64, 64), (16, 128, 128), (8, 256, 256),
           (4, 512, 512)]  # (image side, C_in, C_out)

@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from throughput import bench_ours, peak_gflops  # noqa: E402
+from throughput import bench_ours, peak_gflops
 
 PAPER = {"model": "resnet18", "clients": 10, "per_client": 5000, "epochs": 5, "batch": 64}
 SMOKE = {"model": "cnn", "clients": 2, "per_client": 96, "epochs": 1, "batch": 32}

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import resource
-import sys
 import time
 
 import jax
@@ -40,16 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import conv_grad  # noqa: E402  (benchmarks/, this script's directory)
-from fedbif_jax import parallel, xla_options  # noqa: E402
-from fedbif_jax.algorithms import get_algorithm  # noqa: E402
-from fedbif_jax.algorithms.base import RoundInfo  # noqa: E402
-from fedbif_jax.client import Batches, TrainData, make_local_training  # noqa: E402
-from fedbif_jax.config import base_config  # noqa: E402
-from fedbif_jax.data import round_batches  # noqa: E402
-from fedbif_jax.models import MODELS, get_model  # noqa: E402
+import conv_grad  # benchmarks/, this script's directory
+from fedbif_jax import parallel, xla_options
+from fedbif_jax.algorithms import get_algorithm
+from fedbif_jax.algorithms.base import RoundInfo
+from fedbif_jax.client import Batches, TrainData, make_local_training
+from fedbif_jax.config import base_config
+from fedbif_jax.data import round_batches
+from fedbif_jax.models import MODELS, get_model
 
 MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 STD = np.array([0.2470, 0.2435, 0.2616], np.float32)

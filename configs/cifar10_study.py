@@ -14,26 +14,42 @@ Tuned values and their validation scores: docs/RESULTS.md ("Tuning"); test accur
 exact runs (seed 0, IID) and of the other seeds and partitions: docs/RESULTS.md ("Table 1").
 About 10 minutes a run on the 2-core CPU.
 """
+import importlib
+import importlib.util
 import os
 import sys
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
+from fedbif_jax.config import set_fields
+from fedbif_jax.errors import ConfigError, check
 
-from experiments import grid  # noqa: E402
-from fedbif_jax.config import set_fields  # noqa: E402
-from fedbif_jax.errors import ConfigError, check  # noqa: E402
+
+def _study_grid():
+  """This checkout's `experiments.grid` (the study's setup and tuned.json). launch.py puts the
+  repository root on the path; from any other folder (the Flower CLI, a notebook) the
+  `experiments` package is registered from its folder next to this file."""
+  try:
+    return importlib.import_module("experiments.grid")
+  except ModuleNotFoundError as e:
+    if e.name != "experiments":
+      raise
+  folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+  spec = importlib.util.spec_from_file_location(
+      "experiments", os.path.join(folder, "__init__.py"), submodule_search_locations=[folder])
+  package = importlib.util.module_from_spec(spec)
+  sys.modules["experiments"] = package
+  spec.loader.exec_module(package)
+  return importlib.import_module("experiments.grid")
 
 
 def get_config(arg=None):
+  grid = _study_grid()
   method = arg or "fedbif"
   check(method in grid.METHODS, "config", f"one of {', '.join(grid.METHODS)} "
         "(--config=configs/cifar10_study.py:METHOD)", method)
   tuned = grid.read_tuned(grid.DEFAULT_TUNED)["methods"]
   if method not in tuned:
     raise ConfigError(f"config: {method} has no tuned values in experiments/tuned.json yet "
-                      f"(tuned: {', '.join(sorted(tuned)) or 'none'}); run experiments/grid.py")
+                      f"(tuned: {', '.join(sorted(tuned)) or 'none'}); run python -m experiments.grid")
   c = grid.study_config("")
   c.algorithm = method
   c.data.partition = "iid"

@@ -48,10 +48,10 @@ command, on this machine or on another with the committed results. A run whose s
 fields; the data file's location may differ). A diverged run is recorded
 in ``<run>/failed.json`` (a failed candidate is never chosen) and the pipeline goes on.
 
-  python experiments/grid.py --root=experiments/results --data_path=../shared/data/cifar10.npz
-  python experiments/grid.py --root=experiments/results --list        # status of every run
-  python experiments/grid.py --root=experiments/results --choose      # only (re)write tuned.json
-  python experiments/report.py --root=experiments/results             # docs/RESULTS.md + figures
+  python -m experiments.grid --root=experiments/results --data_path=../shared/data/cifar10.npz
+  python -m experiments.grid --root=experiments/results --list        # status of every run
+  python -m experiments.grid --root=experiments/results --choose      # only (re)write tuned.json
+  python -m experiments.report --root=experiments/results             # docs/RESULTS.md + figures
 
 ``--smoke`` swaps in the built-in digits, 2 rounds and shrunken grids, so CI runs the whole
 path in about a minute.
@@ -72,9 +72,8 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fedbif_jax.config import base_config, set_fields  # noqa: E402
+from fedbif_jax.config import base_config, set_fields
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TUNED = os.path.join(HERE, "tuned.json")

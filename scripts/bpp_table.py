@@ -31,11 +31,10 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-import jax  # noqa: E402
+import jax
 
-from fedbif_jax.train import train_and_evaluate  # noqa: E402
+from fedbif_jax.train import train_and_evaluate
 
 ALGORITHMS = ("fedavg", "fedbif", "signsgd", "fedpaq", "feddq", "dadaquant")
 TRENDS = ("feddq", "dadaquant")

@@ -5,7 +5,6 @@ backend is tested without a GPU.
 """
 import logging
 import os
-import sys
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -29,9 +28,8 @@ if _CACHE != "off" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from fedbif_jax.config import base_config, set_fields  # noqa: E402
+from fedbif_jax.config import base_config, set_fields
 
 
 def small_config(**overrides):

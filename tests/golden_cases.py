@@ -104,6 +104,5 @@ def record(names) -> None:
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, REPO)
   wanted = sys.argv[1:]
   record([n for n in CASES if not wanted or any(w in n for w in wanted)])

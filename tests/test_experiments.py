@@ -157,7 +157,7 @@ def test_report_statistics_match_hand_computation(tmp_path):
 
 
 def test_grid_cli_lists_and_rejects_bad_flags(tmp_path):
-  run = lambda *a: subprocess.run([sys.executable, "experiments/grid.py", *a], cwd=REPO,
+  run = lambda *a: subprocess.run([sys.executable, "-m", "experiments.grid", *a], cwd=REPO,
                                   capture_output=True, text=True, timeout=120)
   listed = run(f"--root={tmp_path}", "--smoke", "--list", f"--tuned={tmp_path}/t.json")
   assert listed.returncode == 0, listed.stderr
@@ -167,6 +167,6 @@ def test_grid_cli_lists_and_rejects_bad_flags(tmp_path):
   assert bad.returncode == 2 and "--grids: must be from tune, table1" in bad.stderr
   missing = run(f"--root={tmp_path}", "--data_path=/nonexistent.npz")
   assert missing.returncode == 2 and "--data_path: no such .npz file" in missing.stderr
-  report = subprocess.run([sys.executable, "experiments/report.py", "--root=/nonexistent"],
+  report = subprocess.run([sys.executable, "-m", "experiments.report", "--root=/nonexistent"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
   assert report.returncode == 2 and "--root: no such directory" in report.stderr

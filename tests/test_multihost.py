@@ -75,7 +75,6 @@ def test_two_processes_shard_clients_and_match_one_process(tmp_path):
 
 
 def test_distributed_is_requested_by_config_or_environment():
-  sys.path.insert(0, REPO)
   import launch
   from fedbif_jax.config import base_config
   c = base_config()
