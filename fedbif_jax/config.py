@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
                                    # already sets --xla_force_host_platform_device_count
   c.wire_check_every = 10          # rounds; every k-th round (t % k == 0) encode + decode the
                                    # payloads and fail unless bytes and values match (0: never)
+  c.wire_codec = "packed"          # packed (Bits bit-packed at their width) | entropy (each Bits
+                                   # leaf ANS-coded under its own histogram where that is shorter;
+                                   # the ledger counts the coded bytes, see fedbif_jax/wire.py)
 
   # Multi-process (multi-host) runs: launch.py calls jax.distributed.initialize() when `enabled`,
   # or when the environment sets JAX_COORDINATOR_ADDRESS or FEDBIF_DISTRIBUTED=1. Empty / 0 / -1
@@ -82,6 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.fedbif.bit_step = "uniform"    # uniform | inverse_pow2: bit i's step further scaled by 2^-i
   c.fedbif.bit_init = "fan_in"     # virtual bits' Kaiming std: fan_in (the kernel's) |
                                    # stacked_fan_in (PyTorch's fan-in of a stacked [m, out, ...])
+  c.fedbif.step = "max_abs"        # each layer's step alpha: max_abs (Eq. 5, every round) |
+                                   # learned (clients train it with LSQ's gradient scale, the
+                                   # server averages it; Sec. 6's open idea, see fedbif.py)
+  c.fedbif.step_lr_scale = 1.0     # learned only: multiplies LSQ's g = 1/sqrt(N * Q_P) on
+                                   # the step's gradient
 
   # Baselines (fedbif_jax/algorithms/<name>.py): kernels compressed, biases and BatchNorm float32.
   c.signsgd = ml_collections.ConfigDict()

@@ -9,9 +9,10 @@ exact same rounds):
    `fedbif_jax/parallel.py`; client states persist per client id on the host;
 4. ``server_state = algorithm.aggregate(...)`` with uniform or data-size client weights;
 5. evaluate the global model on the whole test set; count the bytes of the payloads that were
-   actually produced, as `wire.encode` would write them (`wire.encoded_size` for the downlink,
-   sent to every selected client; `wire.encoded_sizes` for each client's uplink), and the bpp
-   over the compressed weights (`wire.weight_bits`); every ``wire_check_every`` rounds really
+   actually produced, as `wire.encode` would write them with ``wire_codec`` (`wire.coded_sizes`:
+   the downlink, sent to every selected client, and each client's uplink; from shapes alone when
+   packed), and the bpp over the compressed weights (`wire.weight_bits`; with the entropy codec
+   also the coded and the empirical-entropy bpp); every ``wire_check_every`` rounds really
    encode and decode them (`wire.verify`); append a line to ``metrics.jsonl``;
 6. every ``checkpoint_every`` rounds, write an orbax checkpoint (atomic: written to a temporary
    directory and renamed), so a killed run resumes from its last complete checkpoint.
@@ -89,6 +90,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   positive_int("client_devices", config.client_devices, lo=0)
   positive_int("cpu_devices", config.cpu_devices, lo=0)
   positive_int("wire_check_every", config.wire_check_every, lo=0)
+  check(config.wire_codec in wire.CODECS, "wire_codec", f"one of {', '.join(wire.CODECS)}",
+        config.wire_codec)
   cpr = config.clients_per_round
   check(isinstance(cpr, int) and (cpr == 0 or 1 <= cpr <= config.num_clients), "clients_per_round",
         f"0 (all) or an integer in 1..num_clients={config.num_clients}", cpr)
@@ -131,17 +134,32 @@ def config_changes(stored: dict, now: dict, prefix: str = "") -> list[str]:
   return changed
 
 
+def _added_at_default(field: str, stored: dict, now: dict) -> bool:
+  """Whether dotted `field` is absent from the stored config and holds `base_config`'s default
+  now: a field added to the library after the run was made (e.g. wire_codec), which the run
+  used at its default."""
+  from fedbif_jax.config import base_config  # pylint: disable=import-outside-toplevel
+  default = json.loads(base_config().to_json_best_effort())
+  *parents, leaf = field.split(".")
+  for part in parents:
+    stored = stored.get(part) if isinstance(stored, dict) else None
+    now, default = now.get(part, {}), default.get(part, {})
+  absent = not isinstance(stored, dict) or leaf not in stored
+  return absent and leaf in default and now.get(leaf) == default[leaf]
+
+
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses to continue a run in `workdir` that was made with another config (apart from
-  `RESUMABLE_CHANGES`); a workdir without a config.json is new. Raises ConfigError naming the
-  changed fields."""
+  `RESUMABLE_CHANGES`, and fields added to the library since, at their defaults); a workdir
+  without a config.json is new. Raises ConfigError naming the changed fields."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   with open(path) as f:
     stored = json.load(f)
-  changed = [k for k in config_changes(stored, json.loads(config.to_json_best_effort()))
-             if k not in RESUMABLE_CHANGES]
+  now = json.loads(config.to_json_best_effort())
+  changed = [k for k in config_changes(stored, now)
+             if k not in RESUMABLE_CHANGES and not _added_at_default(k, stored, now)]
   if changed:
     raise ConfigError(f"workdir: {workdir} holds a run made with another config (changed: "
                       f"{', '.join(changed)}); use a fresh --workdir, or the same config to "
@@ -239,26 +257,39 @@ def plan_round(config: ml_collections.ConfigDict, job: Job, t: int) -> RoundPlan
   return RoundPlan(ids, info, round_key, jax.random.fold_in(round_key, 0), idx, mask, keys)
 
 
-def traffic(downlink: Any, uplinks: Any, num_weights: int) -> dict:
-  """The ledger of one round: bytes as `wire.encode` writes the payloads (the downlink once per
-  receiving client, each client's uplink) and bits per compressed weight.
+def traffic(downlink: Any, uplinks: Any, num_weights: int, codec: str = "packed") -> dict:
+  """The ledger of one round: bytes as ``wire.encode(payload, codec)`` writes the payloads (the
+  downlink once per receiving client, each client's uplink) and bits per compressed weight.
 
   `uplinks` are stacked over the C receiving clients (leading axis), as the runner returns them.
   Returns the ``metrics.jsonl`` fields uplink_bits, downlink_bits (8 x bytes, all clients),
-  uplink_bpp, downlink_bpp (weights only) and uplink_total_bpp, downlink_total_bpp.
+  uplink_bpp, downlink_bpp (weights only, at their packed widths) and uplink_total_bpp,
+  downlink_total_bpp (whole messages as coded). With codec entropy (`wire.coded_sizes`: the
+  payloads are really encoded) also uplink_coded_bpp, downlink_coded_bpp (the "weights" leaves'
+  coded bits, their symbol statistics included) and uplink_entropy_bpp, downlink_entropy_bpp
+  (their empirical entropy, `wire.entropy_bits`, the limit of that coding); per compressed weight.
   """
-  up_sizes = wire.encoded_sizes(uplinks)              # one message per client
-  num_clients = len(up_sizes)
-  down_bytes = wire.encoded_size(downlink)            # one message, sent to each client
-  up_bytes = int(up_sizes.sum())
-  return {
+  up = wire.coded_sizes(uplinks, codec, stacked=True)   # one message per client
+  down = wire.coded_sizes(downlink, codec)              # one message, sent to each client
+  num_clients = len(up.sizes)
+  up_bytes, down_bytes = int(up.sizes.sum()), int(down.sizes[0])
+  per_up, per_down = num_weights * num_clients, num_weights
+  row = {
       "uplink_bits": 8 * up_bytes,
       "downlink_bits": 8 * down_bytes * num_clients,
-      "uplink_bpp": wire.weight_bits(uplinks) / (num_weights * num_clients),
-      "downlink_bpp": wire.weight_bits(downlink) / num_weights,
-      "uplink_total_bpp": 8 * up_bytes / (num_weights * num_clients),
-      "downlink_total_bpp": 8 * down_bytes / num_weights,
+      "uplink_bpp": wire.weight_bits(uplinks) / per_up,
+      "downlink_bpp": wire.weight_bits(downlink) / per_down,
+      "uplink_total_bpp": 8 * up_bytes / per_up,
+      "downlink_total_bpp": 8 * down_bytes / per_down,
   }
+  if codec != "packed":
+    row.update({
+        "uplink_coded_bpp": up.weight_bits / per_up,
+        "downlink_coded_bpp": down.weight_bits / per_down,
+        "uplink_entropy_bpp": wire.entropy_bits(uplinks, stacked=True) / per_up,
+        "downlink_entropy_bpp": wire.entropy_bits(downlink) / per_down,
+    })
+  return row
 
 
 class _Store:
@@ -409,7 +440,19 @@ def _summary(rows: list[dict], config) -> dict:
       "total_uplink_bytes": rows[-1]["cumulative_uplink_bytes"],
       "total_downlink_bytes": rows[-1]["cumulative_downlink_bytes"],
   })
+  summary.update(mean_coded_bpp(rows))
   return summary
+
+
+CODED_BPP_FIELDS = ("uplink_coded_bpp", "downlink_coded_bpp", "uplink_entropy_bpp",
+                    "downlink_entropy_bpp")
+
+
+def mean_coded_bpp(rows: list[dict]) -> dict:
+  """``mean_<field>`` of the entropy codec's bpp fields (`traffic`) over the rows that have them
+  (no field for a packed run, whose summary keeps exactly its fields)."""
+  return {f"mean_{key}": float(np.mean(values)) for key in CODED_BPP_FIELDS
+          if (values := [r[key] for r in rows if key in r])}
 
 
 def _format_eta(seconds: float) -> str:
@@ -520,11 +563,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     server_state = new_server_state
     store.scatter(ids, new_states)
 
-    sent = traffic(downlink, uplinks, job.num_weights)
+    sent = traffic(downlink, uplinks, job.num_weights, config.wire_codec)
     if config.wire_check_every and t % config.wire_check_every == 0:
-      wire.verify(downlink, "downlink")
+      wire.verify(downlink, "downlink", config.wire_codec)
       for i in range(len(ids)):
-        wire.verify(wire.unstack(uplinks, i), f"uplink of client {int(ids[i])}")
+        wire.verify(wire.unstack(uplinks, i), f"uplink of client {int(ids[i])}", config.wire_codec)
     cum_down += sent["downlink_bits"] // 8
     cum_up += sent["uplink_bits"] // 8
     row = {
@@ -556,10 +599,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     shown = "".join(f"  {name} {evaluated[key]:.4f}" for name, key in (
         ("acc", "test_accuracy"), ("loss", "test_loss"), ("val acc", "validation_accuracy"))
         if key in evaluated)
-    log.info("round %d/%d%s  train %.4f  up %.3f bpp  down %.3f bpp  sent %.2f MB  "
+    coded = ("  coded up %.3f down %.3f bpp (entropy %.3f / %.3f)" % tuple(
+        row[f"{d}_{k}_bpp"] for k in ("coded", "entropy") for d in ("uplink", "downlink"))
+             if "uplink_coded_bpp" in row else "")
+    log.info("round %d/%d%s  train %.4f  up %.3f bpp  down %.3f bpp%s  sent %.2f MB  "
              "sparsity %.3f  %.1fs  eta %s", t + 1, config.rounds, shown, train_loss,
-             row["uplink_bpp"], row["downlink_bpp"], (cum_up + cum_down) / 1e6, row["sparsity"],
-             row["wall_seconds"], _format_eta(eta))
+             row["uplink_bpp"], row["downlink_bpp"], coded, (cum_up + cum_down) / 1e6,
+             row["sparsity"], row["wall_seconds"], _format_eta(eta))
     last = t + 1 == config.rounds
     if config.checkpoint_every and ((t + 1) % config.checkpoint_every == 0 or last):
       # Across processes, host copies: every process holds the same values, process 0 writes.

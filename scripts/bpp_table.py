@@ -8,6 +8,16 @@ same with every encoded byte (headers, scales, biases; our honest column), megab
 time, then the per-round uplink bpp of FedDQ and DAdaQuant. ``--variant`` adds runs with their own
 overrides (by default a short-memory DAdaQuant, whose levels rise on the quickstart).
 
+The runs use ``--codec`` as their ``wire_codec`` (default ``entropy``; the codec changes what is
+counted, not what is trained): the totals and megabytes are the bytes sent with it, and with
+``entropy`` a second table gives, per algorithm and direction, the weights' bpp packed at their
+widths, entropy-coded (symbol statistics included) and their empirical entropy (the limit), each
+averaged over the whole run.
+
+Cost: the runs are the whole cost (docs/BPP.md gives each run's wall time). On the 2-core CPU
+with the study grid running, the quickstart section took 2.7-3.1 min and the 2-round CIFAR-10
+CNN section 3.5 min (both sections, one after the other: 6 min 10 s).
+
 The output file holds one section per ``--section`` (default: the config's file name), between
 HTML comment markers; a rerun replaces its own section and keeps the others.
 
@@ -34,6 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import jax
 
+from fedbif_jax import wire
 from fedbif_jax.train import train_and_evaluate
 
 ALGORITHMS = ("fedavg", "fedbif", "signsgd", "fedpaq", "feddq", "dadaquant")
@@ -74,6 +85,7 @@ def run(args) -> dict:
     config.unlock()
     config.algorithm = name
     config.checkpoint_every = 0
+    config.wire_codec = args.codec
     if args.rounds:
       config.rounds = args.rounds
     if args.data_path:
@@ -84,7 +96,7 @@ def run(args) -> dict:
     workdir = os.path.join(args.workdir, label.replace(" ", "").replace("(", "_").replace(")", "")
                            .replace(",", "_").replace("=", ""))
     os.makedirs(workdir, exist_ok=True)
-    for stale in ("metrics.jsonl", "summary.json"):
+    for stale in ("metrics.jsonl", "summary.json", "config.json"):  # every run starts afresh
       if os.path.exists(os.path.join(workdir, stale)):
         os.remove(os.path.join(workdir, stale))
     start = time.time()
@@ -116,6 +128,11 @@ def table(results: dict, args) -> str:
       "levels, biases and BatchNorm in float32) per kernel weight. *MB* is the sum over the run of "
       "every uplink and every client's copy of the downlink.",
       "",
+      f"Payloads sent with `wire_codec={args.codec}`"
+      + (" (each `Bits` leaf ANS-coded under its own histogram where that is shorter than packed):"
+         " *total bpp* and *MB* count those bytes; *bpp* stays the packed width." if args.codec
+         == "entropy" else "."),
+      "",
       "| algorithm | final acc | best acc | uplink bpp | downlink bpp | uplink total bpp | "
       "downlink total bpp | MB sent | wall |",
       "|---|---|---|---|---|---|---|---|---|",
@@ -127,6 +144,7 @@ def table(results: dict, args) -> str:
         f"{s['mean_uplink_bpp']:.3f} | {s['mean_downlink_bpp']:.3f} | "
         f"{s['mean_uplink_total_bpp']:.3f} | {s['mean_downlink_total_bpp']:.3f} | "
         f"{s['total_bytes'] / 1e6:.2f} | {r['wall']:.0f} s |")
+  lines += coded_table(results)
   for label, r in results.items():
     if r["algorithm"] not in TRENDS:
       continue
@@ -136,6 +154,31 @@ def table(results: dict, args) -> str:
               "client training loss:", "", "```", "bpp  " + " ".join(f"{b:.2f}" for b in bpp),
               "loss " + " ".join(f"{l:.3f}" for l in loss), "```"]
   return "\n".join(lines) + "\n"
+
+
+CODED_COLUMNS = ("bpp", "coded_bpp", "entropy_bpp")
+
+
+def coded_table(results: dict) -> list[str]:
+  """The weights' packed, entropy-coded and empirical-entropy bpp per algorithm and direction
+  (summary means over the run); no lines when the runs have no coded fields (codec packed)."""
+  if not all("mean_uplink_coded_bpp" in r["summary"] for r in results.values()):
+    return []
+  lines = [
+      "", "The compressed weights per algorithm and direction, averaged over the run: *packed* "
+      "is the bpp above (the widths), *coded* the bits the entropy codec sent for them (each "
+      "leaf's symbol statistics and word count included; a leaf it kept packed at its padded "
+      "bytes), *entropy* their empirical entropy, size x H of each tensor's own histogram "
+      "(`wire.entropy_bits`: the limit of coding each tensor's elements under one model; float32 "
+      "weights count their 32 bits).", "",
+      "| algorithm | uplink packed | uplink coded | uplink entropy | downlink packed | "
+      "downlink coded | downlink entropy |",
+      "|---|---|---|---|---|---|---|"]
+  for name, r in results.items():
+    s = r["summary"]
+    cells = [f"{s[f'mean_{d}_{c}']:.3f}" for d in ("uplink", "downlink") for c in CODED_COLUMNS]
+    lines.append(f"| {name} | {' | '.join(cells)} |")
+  return lines
 
 
 def write_section(path: str, section: str, text: str) -> None:
@@ -163,6 +206,8 @@ def main(argv=None):
   parser.add_argument("--data_path", default="", help="config.data.path (npz configs)")
   parser.add_argument("--rounds", type=int, default=0, help="override config.rounds (0: keep)")
   parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+  parser.add_argument("--codec", default="entropy", choices=wire.CODECS,
+                      help="wire_codec of the runs (entropy adds the coded/entropy bpp table)")
   parser.add_argument("--set", action="append", default=[],
                       help="config override applied to every algorithm, e.g. --set=lr=0.1")
   parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bpp_table"))

@@ -282,9 +282,9 @@ def test_baseline_runs_two_rounds_with_checked_wire(tmp_path, monkeypatch, algor
   sent = []   # each round's stacked uplinks, as the ledger counted them
   traffic = train_lib.traffic
 
-  def spy(downlink, uplinks, num_weights):
+  def spy(downlink, uplinks, num_weights, *codec):
     sent.append(jax.device_get(uplinks))
-    return traffic(downlink, uplinks, num_weights)
+    return traffic(downlink, uplinks, num_weights, *codec)
 
   monkeypatch.setattr(train_lib, "traffic", spy)
   summary = train_and_evaluate(small_config(algorithm=algorithm, rounds=2, wire_check_every=1),
@@ -344,6 +344,7 @@ def _check_feddq_widths(rows, sent, resolution):
     (dict(algorithm="signsgd", signsgd__server_lr=0.0), "signsgd.server_lr"),
     (dict(algorithm="signsgd", signsgd__tie_break="zero"), "signsgd.tie_break"),
     (dict(wire_check_every=-1), "wire_check_every"),
+    (dict(wire_codec="zstd"), "wire_codec"),
 ])
 def test_bad_baseline_config_is_one_line(tmp_path, overrides, field):
   with pytest.raises(ConfigError) as info:

@@ -92,6 +92,22 @@ def test_resume_with_a_changed_config_is_refused(tmp_path):
       == [0, 1, 2]
 
 
+def test_a_run_from_before_a_new_field_resumes_only_at_its_default(tmp_path):
+  """A config.json written before a field existed (here wire_codec and fedbif.bits dropped from
+  it) resumes while the field holds base_config's default; another value is a change."""
+  from fedbif_jax.config import base_config
+  from fedbif_jax.errors import ConfigError
+  from fedbif_jax.train import check_resumable
+  config = base_config()
+  stored = json.loads(config.to_json_best_effort())
+  del stored["wire_codec"], stored["fedbif"]["bits"]
+  (tmp_path / "config.json").write_text(json.dumps(stored))
+  check_resumable(str(tmp_path), config)
+  config.wire_codec, config.fedbif.bits = "entropy", 8
+  with pytest.raises(ConfigError, match=r"another config \(changed: fedbif\.bits, wire_codec\)"):
+    check_resumable(str(tmp_path), config)
+
+
 def test_a_workdir_under_a_file_is_one_line(tmp_path):
   (tmp_path / "file").write_text("x")
   _one_error_line(_launch(tmp_path / "file" / "run"), "workdir: must be a directory")

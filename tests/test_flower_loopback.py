@@ -3,9 +3,10 @@ with ``python -m fedbif_jax.deploy.flower``) train 2 rounds of the quickstart (F
 local epoch), and the test checks
 
 (a) the payload bytes that crossed the transport against the ledger the simulator keeps
-    (`wire.encoded_size` / `encoded_sizes`, via `train.traffic`): the downlink message is
-    sent once per client, each uplink is received as sent; 1 bpp up and 4 bpp down over the
-    compressed weights;
+    (`wire.coded_sizes`, via `train.traffic`): the downlink message is sent once per client,
+    each uplink is received as sent; 1 bpp up and 4 bpp down over the compressed weights. With
+    ``wire_codec=entropy`` (the second case) the messages are entropy-coded: fewer bytes, the
+    same equalities, and the coded and entropy bpp of both ledgers agree;
 (b) the final global model against `train.train_and_evaluate` (``launch.py``) with the same
     config and seed: equal bit for bit (tolerance 0). Both run the same jitted functions on the
     same values with the sequential backend (the CPU default); only the payloads' route differs
@@ -53,8 +54,10 @@ def _server_state_of_simulator(workdir):
 
 
 @pytest.mark.slow
-def test_three_clients_over_flower_match_the_simulator_and_the_ledger(tmp_path):
+@pytest.mark.parametrize("codec", ["packed", "entropy"])
+def test_three_clients_over_flower_match_the_simulator_and_the_ledger(tmp_path, codec):
   from fedbif_jax.deploy import flower
+  overrides = OVERRIDES + [f"--config.wire_codec={codec}"]
 
   cli = [sys.executable, "-m", "fedbif_jax.deploy.flower"]
   cache = ["--jax-cache", str(tmp_path / "jax_cache")]
@@ -76,7 +79,7 @@ def test_three_clients_over_flower_match_the_simulator_and_the_ledger(tmp_path):
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     sim = subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), f"--config={CONFIG}",
                           f"--workdir={tmp_path / 'sim'}", "--config.checkpoint_every=2"]
-                         + OVERRIDES, env=sim_env, cwd=REPO, capture_output=True, text=True,
+                         + overrides, env=sim_env, cwd=REPO, capture_output=True, text=True,
                          timeout=RUN_TIMEOUT)
     assert sim.returncode == 0, sim.stderr[-3000:]
     with open(tmp_path / "sim" / "summary.json") as f:
@@ -85,7 +88,7 @@ def test_three_clients_over_flower_match_the_simulator_and_the_ledger(tmp_path):
     flower.wait_for_superlink(port, timeout=60, process=processes[0])
     runner = flower.start(cli + ["run", "--superlink", f"127.0.0.1:{port}", "--config", CONFIG,
                                  "--workdir", str(tmp_path / "run"), "--round-timeout", "150",
-                                 "--node-timeout", "60"] + OVERRIDES + cache,
+                                 "--node-timeout", "60"] + overrides + cache,
                           env, str(tmp_path / "run.log"))
     processes.append(runner)  # in its own session too: a timeout stops `flwr run` with it
     returncode = runner.wait(timeout=RUN_TIMEOUT)
@@ -132,8 +135,18 @@ def test_three_clients_over_flower_match_the_simulator_and_the_ledger(tmp_path):
     assert all(r["downlink_bytes"] == row["downlink_message_bytes"] for r in reported.values())
     assert sum(r["uplink_bytes"] for r in reported.values()) == row["uplink_bytes_received"]
     assert row["uplink_bpp"] == 1.0 and row["downlink_bpp"] == 4.0, message
-    # Whole messages (headers, step sizes, biases, the mask): a little above 1 and 4 bpp.
-    assert 1.0 < row["uplink_total_bpp"] < 1.25 and 4.0 < row["downlink_total_bpp"] < 4.25, message
+    if codec == "packed":
+      # Whole messages (headers, step sizes, biases, the mask): a little above 1 and 4 bpp.
+      assert 1.0 < row["uplink_total_bpp"] < 1.25 and 4.0 < row["downlink_total_bpp"] < 4.25
+      assert not any("coded" in k or "entropy" in k for k in row), message
+    else:
+      # The 4-bit broadcast codes below 4 bits; the coded weights sit just above their entropy.
+      fields = ("uplink_coded_bpp", "downlink_coded_bpp", "uplink_entropy_bpp",
+                "downlink_entropy_bpp")
+      assert {k: row[k] for k in fields} == {k: sim[k] for k in fields}, message
+      assert row["downlink_entropy_bpp"] <= row["downlink_coded_bpp"] < 4.0, message
+      assert row["uplink_entropy_bpp"] <= row["uplink_coded_bpp"] <= 1.01, message
+      assert row["downlink_total_bpp"] < 4.0 and row["uplink_total_bpp"] < 1.25, message
     # Flower's Array adds its .npy header (128 bytes) to every payload.
     assert 0 < row["downlink_array_bytes"] - row["downlink_bytes_sent"] <= 3 * 256, message
     assert 0 < row["uplink_array_bytes"] - row["uplink_bytes_received"] <= 3 * 256, message

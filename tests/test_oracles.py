@@ -79,10 +79,10 @@ def recording():
     rec.plans.append(plan_round(config, job, t))
     return rec.plans[-1]
 
-  def traffic_spy(downlink, uplinks, num_weights):
+  def traffic_spy(downlink, uplinks, num_weights, *codec):
     rec.downlinks.append(jax.device_get(downlink))
     rec.uplinks.append(jax.device_get(uplinks))
-    return traffic(downlink, uplinks, num_weights)
+    return traffic(downlink, uplinks, num_weights, *codec)
 
   def make_evaluator_spy(model, eval_variables, dataset, batch_size, split="test"):
     evaluate = make_evaluator(model, eval_variables, dataset, batch_size, split)

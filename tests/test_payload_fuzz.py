@@ -7,7 +7,9 @@ one-line message, never another exception. Messages of the right length (every h
 real uplinks and downlinks mutated in place, located by a parser of the documented format
 written here; random same-length edits) get past the length check, so the decoder itself is
 fuzzed, on the uplink (`payload.validate`) and on the downlink (`payload.from_array`, what a
-client does with the server's bytes). The server-level test runs the Flower ServerApp's
+client does with the server's bytes). The same is done to FedBiF's payloads with
+``wire_codec=entropy`` (ANS-coded leaves: symbol statistics and words mutated, truncated,
+flipped), validated with that codec. The server-level test runs the Flower ServerApp's
 round loop (`flower.run_server`) over an in-process Grid that hands every message to the real
 ClientApp, with one client's reply replaced by garbage: the round completes with the others and
 the reason is logged.
@@ -35,9 +37,9 @@ CONFIG = "configs/quickstart.py"
 OVERRIDES = ["--config.num_clients=3", "--config.rounds=2", "--config.local_epochs=1"]
 
 
-def _config(algorithm):
+def _config(algorithm, *overrides):
   from fedbif_jax.deploy import flower
-  return flower.load_config(CONFIG, OVERRIDES + [f"--config.algorithm={algorithm}"])
+  return flower.load_config(CONFIG, OVERRIDES + [f"--config.algorithm={algorithm}", *overrides])
 
 
 ROLES = {}  # algorithm -> (roles.Server, roles.Client, its round 0), built by `real`
@@ -97,11 +99,11 @@ def decode_only(data) -> str:
   return decode_as(data, "uplink")
 
 
-def check(data, spec) -> str:
+def check(data, spec, codec="packed") -> str:
   """'ok' (a conforming, finite payload) or 'rejected' (PayloadError, one line); anything else
   fails the test."""
   try:
-    decoded = payload.validate(data, spec, "uplink")
+    decoded = payload.validate(data, spec, "uplink", codec)
   except PayloadError as e:
     message = str(e)
     assert message and "\n" not in message, repr(message)
@@ -292,12 +294,12 @@ def test_random_bytes(real, tail, with_magic):
   decode_only(data)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.sampled_from(["fedbif", "fedavg"]),
-       st.lists(st.tuples(st.sampled_from(["replace", "insert", "delete"]),
-                          st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=4))
-def test_random_mutations(real, algorithm, edits):
-  spec, data = real[algorithm]
+# Up to 4 byte edits: (kind, where, value), applied by `edited`.
+EDITS = st.lists(st.tuples(st.sampled_from(["replace", "insert", "delete"]),
+                           st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=4)
+
+
+def edited(data: bytes, edits) -> bytes:
   mutated = bytearray(data)
   for kind, where, value in edits:
     i = where % (len(mutated) + 1)
@@ -307,8 +309,16 @@ def test_random_mutations(real, algorithm, edits):
       del mutated[min(i, len(mutated) - 1)]
     elif mutated:
       mutated[min(i, len(mutated) - 1)] = value
-  check(bytes(mutated), spec)
-  decode_only(bytes(mutated))
+  return bytes(mutated)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(["fedbif", "fedavg"]), EDITS)
+def test_random_mutations(real, algorithm, edits):
+  spec, data = real[algorithm]
+  mutated = edited(data, edits)
+  check(mutated, spec)
+  decode_only(mutated)
 
 
 # ----------------------------------------------------------------------------- same length
@@ -321,7 +331,8 @@ _ITEMSIZE = [None, 1, 1, 2, 2, 4, 4, 8, 8, 2, 2, 4, 8]
 
 def header_fields(data: bytes) -> list:
   """(offset, length, kind) of every header field of an encoded payload: the magic, node tags,
-  counts, key lengths, keys, dtype codes, ndims, dims and widths (the element data skipped).
+  counts, key lengths, keys, dtype codes, ndims, dims and widths, and an ENTROPY node's symbol
+  count, code gaps, symbol counts and word count (the element data and ANS words skipped).
 
   Parsed here from the grammar in `fedbif_jax/wire.py`'s docstring, independently of its decoder;
   it must end exactly at the last byte."""
@@ -354,7 +365,7 @@ def header_fields(data: bytes) -> list:
     elif tag in (2, 3):                            # LIST, TUPLE
       for _ in range(varint("count")):
         node()
-    elif tag in (4, 5):                            # ARRAY, BITS
+    elif tag in (4, 5, 6):                         # ARRAY, BITS, ENTROPY
       code = data[pos]
       out.append((pos, 1, "dtype"))
       pos += 1
@@ -363,6 +374,15 @@ def header_fields(data: bytes) -> list:
         width = data[pos]
         out.append((pos, 1, "width"))
         pos += 1 + -(-size * width // 8)
+      elif tag == 6:                               # symbol statistics, then the ANS words
+        out.append((pos, 1, "width"))
+        pos += 1
+        k = varint("symbols")
+        for kind in ("gap", "count"):
+          for _ in range(k):
+            varint(kind)
+        words = varint("words")
+        pos += 4 * words
       else:
         pos += -(-size // 8) if code == 0 else size * _ITEMSIZE[code]
     else:
@@ -581,3 +601,117 @@ def test_server_drops_a_garbage_client_and_finishes_the_round(tmp_path, real, se
   state = np.load(tmp_path / "final_state.npz")
   assert all(np.isfinite(state[k]).all() for k in state.files if state[k].dtype.kind == "f")
   assert os.path.exists(tmp_path / "summary.json")
+
+
+# ----------------------------------------------------------------------------- entropy codec
+
+
+@pytest.fixture(scope="module")
+def entropy_real():
+  """FedBiF's round 0 with ``wire_codec=entropy``: (uplink spec, client 0's uplink bytes, the
+  downlink bytes), as the roles send them."""
+  from fedbif_jax.deploy import roles
+  config = _config("fedbif", "--config.wire_codec=entropy")
+  server, client = roles.Server(config), roles.Client(config)
+  rnd = server.open_round(0)
+  uplink, _, _ = client.train(0, 0, rnd.message, client.initial_state(0))
+  return rnd.spec, uplink.tobytes(), rnd.message.tobytes()
+
+
+def test_entropy_coded_payloads_pass_within_the_bounds(real, entropy_real):
+  spec, up, down = entropy_real
+  packed_spec, packed_up = real["fedbif"]
+  assert down[:4] == wire.MAGIC_ENTROPY, "FedBiF's 4-bit broadcast has a skewed histogram"
+  assert len(down) < len(ROLES["fedbif"][2].message.tobytes())
+  lo, hi = payload.size_bounds(spec, "entropy")
+  assert (lo, hi) != payload.size_bounds(spec) and hi == len(packed_up)
+  assert lo <= len(up) <= hi
+  assert check(up, spec, "entropy") == "ok"
+  assert check(packed_up, spec, "entropy") == "ok"  # every leaf kept packed: a version-1 payload
+  assert decode_as(down, "downlink") == "decoded"
+  decoded = payload.validate(up, spec, "uplink", "entropy")
+  assert wire.encode(decoded, "entropy") == up    # one encoding per payload
+  if up[:4] == wire.MAGIC_ENTROPY:  # a packed run refuses entropy-coded uplinks
+    REASONS.clear()
+    assert check(up, spec) == "rejected"
+    assert any("wire_codec is packed" in r or "bytes, expected" in r for r in REASONS), REASONS
+
+
+def test_entropy_downlinks_truncated_flipped_and_mutated(entropy_real):
+  """The entropy-coded downlink (ENTROPY nodes with real ANS words) as a client decodes it, and a
+  hand-made entropy uplink against the spec: truncations, bit flips, random edits."""
+  spec, up, down = entropy_real
+  rng = np.random.default_rng(2)
+  counts = {}
+  for direction, data in (("downlink", down), ("uplink", up)):
+    outcome = (lambda d: decode_as(d, "downlink")) if direction == "downlink" else (
+        lambda d: check(d, spec, "entropy"))
+    variants = [data[:cut] for cut in range(0, len(data), max(1, len(data) // 60))]
+    variants += [data + extra for extra in (b"\0", b"\x01\0\0\0")]
+    for bit in sorted(set(range(8 * 64)) | set(rng.integers(0, 8 * len(data), 200).tolist())):
+      flipped = bytearray(data)
+      flipped[bit // 8] ^= 1 << (bit % 8)
+      variants.append(bytes(flipped))
+    for _ in range(150):
+      mutated = bytearray(data)
+      for where in rng.integers(0, len(data), rng.integers(1, 5)):
+        mutated[where] = rng.integers(0, 256)
+      variants.append(bytes(mutated))
+    for v in variants:
+      key = (direction, outcome(v))
+      counts[key] = counts.get(key, 0) + 1
+  print(counts)
+  assert counts[("downlink", "rejected")] > 200 and counts[("uplink", "rejected")] > 200, counts
+
+
+def test_every_entropy_header_field_mutated_in_place(entropy_real):
+  """Every header byte of the entropy-coded downlink and uplink, the symbol statistics and word
+  counts included, set to 0, 1, 0x7f, 0x80, 0xff and its value + 1: the length is unchanged,
+  so the decoder's own checks run; a payload or a one-line PayloadError."""
+  spec, up, down = entropy_real
+  counts, reasons = {}, set()
+  for direction, data in (("uplink", up), ("downlink", down)):
+    fields = header_fields(data)
+    kinds = {kind for _, _, kind in fields}
+    if data[:4] == wire.MAGIC_ENTROPY:
+      assert {"symbols", "gap", "count", "words"} <= kinds, kinds
+    for offset, length, kind in fields:
+      for j in range(1 if kind == "key" else length):
+        for value in {0, 1, 0x7F, 0x80, 0xFF, (data[offset + j] + 1) % 256}:
+          mutated = bytearray(data)
+          mutated[offset + j] = value
+          REASONS.clear()
+          outcome = (check(bytes(mutated), spec, "entropy") if direction == "uplink"
+                     else decode_downlink(bytes(mutated)))
+          counts[(direction, outcome)] = counts.get((direction, outcome), 0) + 1
+          reasons.update(re.sub(r"[0-9]+", "N", r.split(": ", 1)[1])[:90] for r in REASONS)
+  print(counts, sorted(reasons), sep="\n")
+  assert counts[("downlink", "rejected")] > 200, counts
+  for fragment in ("entropy-coded leaf: N symbols", "symbol counts", "words for N symbols",
+                   "not fewer than", "do not decode to the symbol counts", "unknown node tag"):
+    assert any(fragment in r for r in reasons), (fragment, sorted(reasons))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(["uplink", "downlink"]), EDITS)
+def test_random_mutations_of_entropy_payloads(entropy_real, direction, edits):
+  spec, up, down = entropy_real
+  if direction == "uplink":
+    check(edited(up, edits), spec, "entropy")
+  else:
+    decode_downlink(edited(down, edits))
+
+
+@pytest.mark.parametrize("algorithm", ["fedbif", "fedavg", "dadaquant"])
+def test_a_client_bounds_the_downlink_by_its_expected_elements(algorithm):
+  """The client traces the broadcast's shapes (`roles.Client.downlink_elements`): the real
+  downlink has exactly that many elements, and a message claiming one more is refused before it
+  is decoded."""
+  from fedbif_jax.deploy import roles
+  config = _config(algorithm, "--config.wire_codec=entropy")
+  client = roles.Client(config)
+  message = roles.Server(config).open_round(0).message
+  decoded = payload.from_array(message, "downlink", max_elements=client.downlink_elements)
+  assert payload.num_elements(payload.spec_of(decoded)) == client.downlink_elements
+  with pytest.raises(PayloadError, match="elements allowed"):
+    payload.from_array(message, "downlink", max_elements=client.downlink_elements - 1)

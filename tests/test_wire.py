@@ -203,11 +203,30 @@ def _payloads(algorithm, input_shape=(8, 8, 1), num_clients=3, **overrides):
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_every_algorithms_payloads_roundtrip(algorithm):
+  """Both codecs: packed at exactly `encoded_size`; entropy decoded to the very payload that was
+  encoded, at the length the ledger counts, never longer than packed."""
   downlink, uplinks, _ = _payloads(algorithm)
   assert wire.verify(downlink) == wire.encoded_size(downlink)
   sizes = wire.encoded_sizes(uplinks)
   for i in range(len(sizes)):
     assert wire.verify(wire.unstack(uplinks, i)) == sizes[i]
+  coded = wire.coded_sizes(uplinks, "entropy", stacked=True).sizes
+  messages = [("downlink", downlink, wire.coded_sizes(downlink, "entropy").sizes[0],
+               wire.encoded_size(downlink))]
+  messages += [(f"uplink {i}", wire.unstack(uplinks, i), coded[i], sizes[i])
+               for i in range(len(sizes))]
+  entropy_nodes = 0
+  for name, payload, ledger, packed in messages:
+    data = wire.encode(payload, "entropy")
+    _same(wire.decode(data), jax.tree.map(lambda b: Bits(b.values, np.asarray(b.width, np.int32))
+                                          if isinstance(b, Bits) else b,
+                                          jax.device_get(payload), is_leaf=wire.is_bits))
+    assert len(data) == ledger <= packed, name
+    assert wire.verify(payload, name, "entropy") == len(data)
+    entropy_nodes += data[:4] == wire.MAGIC_ENTROPY
+  if algorithm == "fedbif":  # its m-bit broadcast always has a skewed histogram
+    assert wire.encode(downlink, "entropy")[:4] == wire.MAGIC_ENTROPY
+  print(f"{algorithm}: {entropy_nodes} of {len(messages)} messages with entropy-coded leaves")
 
 
 @pytest.mark.slow
@@ -234,3 +253,244 @@ def test_decode_raises_only_wire_errors_on_a_malformed_header():
   data[at] = 0xFF
   with pytest.raises(wire.WireError, match=r"payload: malformed at byte \d+ \(UnicodeDecodeError"):
     wire.decode(bytes(data))
+
+
+# ----------------------------------------------------------------------------- entropy codec
+
+
+def _skewed(size=100_000, seed=0):
+  """int8 4-bit codes with exact counts: 0 x 75%, +-1 x 10% each, +-2 x 2.5% each, shuffled.
+  By hand: H = -(0.75 log2 0.75 + 2 x 0.1 log2 0.1 + 2 x 0.025 log2 0.025) = 1.24176015 bits."""
+  counts = {0: 75, 1: 10, -1: 10, 2: 2.5, -2: 2.5}
+  values = np.concatenate([np.full(int(size * c / 100), v, np.int8) for v, c in counts.items()])
+  return np.random.default_rng(seed).permutation(values)
+
+
+SKEWED_H = 1.2417601481809735  # bits per element of `_skewed`, worked out in its docstring
+
+
+def test_skewed_tensor_codes_near_its_entropy_and_below_packed():
+  values = _skewed()
+  payload = {"weights": {"k": Bits(values, np.int32(4))}}
+  packed, coded = wire.encode(payload), wire.encode(payload, "entropy")
+  assert coded[:4] == wire.MAGIC_ENTROPY and packed[:4] == wire.MAGIC
+  _same(wire.decode(coded), payload)
+  # The same header up to the width byte; then the ENTROPY section instead of 50,000 packed bytes.
+  header = len(packed) - values.size * 4 // 8
+  section = len(coded) - header
+  limit = values.size * SKEWED_H / 8                       # 15,522.0 bytes
+  # Overhead: the statistics (k, 5 codes, 5 counts: 17 bytes), the word count (3), the ANS
+  # state flush (<= 8) and the 24-bit quantization of the probabilities (a few bytes here).
+  assert limit <= section <= limit + 40, (section, limit)
+  assert len(coded) < len(packed)
+  assert wire.entropy_bits(payload) == pytest.approx(values.size * SKEWED_H, rel=1e-12)
+  coded_sizes = wire.coded_sizes(payload, "entropy")
+  assert coded_sizes.sizes.tolist() == [len(coded)] and coded_sizes.weight_bits == 8 * section
+
+
+def test_uniform_random_tensor_falls_back_to_packed():
+  values = np.random.default_rng(3).integers(-8, 8, 40_000).astype(np.int8)
+  payload = {"weights": {"k": Bits(values, np.int32(4))}, "b": np.ones(3, np.float32)}
+  assert wire.encode(payload, "entropy") == wire.encode(payload)       # version 1, BITS node
+  assert wire.coded_sizes(payload, "entropy").sizes.tolist() == [wire.encoded_size(payload)]
+
+
+def test_entropy_bits_by_hand():
+  one = {"weights": {"a": Bits(np.array([0, 0, 0, 1], np.uint8), np.int32(1)),
+                     "f": np.zeros(2, np.float32)},                 # sent raw: 2 x 32 bits
+         "other": Bits(np.array([0, 1, 2, 3], np.uint8), np.int32(2))}  # not a weight
+  # H([3/4, 1/4]) = 0.8112781244591328 bits, x 4 elements.
+  assert wire.entropy_bits(one) == pytest.approx(4 * 0.8112781244591328 + 64, rel=1e-12)
+  stacked = {"weights": {"a": Bits(np.array([[5, 5, 7, 7], [2, 2, 2, 2]], np.int8),
+                                   np.array([4, 4], np.int32))}}
+  # client 0: H = 1 bit x 4; client 1: a constant tensor, 0 bits (its own histogram).
+  assert wire.entropy_bits(stacked, stacked=True) == pytest.approx(4.0, rel=1e-12)
+  assert wire.entropy_bits(wire.unstack(stacked, 1)) == 0.0
+
+
+def test_constant_tensor_is_one_symbol_without_words():
+  values = np.full((64, 8), -3, np.int8)
+  payload = {"weights": {"k": Bits(values, np.int32(3))}}
+  coded = wire.encode(payload, "entropy")
+  # k=1, code 0b101 = 5, count 512 (2-byte varint), 0 words: 5 bytes instead of 192 packed.
+  assert coded.endswith(bytes([1, 5]) + bytes([0x80, 0x04]) + bytes([0]))
+  assert len(coded) == len(wire.encode(payload)) - 192 + 5
+  _same(wire.decode(coded), payload)
+
+
+@settings(max_examples=150, deadline=None)
+@given(shape=shapes, dtype=st.sampled_from(INT_DTYPES + [np.int64, np.uint64]), data=st.data())
+def test_entropy_roundtrip_any_shape_dtype_width_and_skew(shape, dtype, data):
+  """Values from a geometric law (mostly one code, a tail of others) at random widths: the
+  entropy codec decodes exactly, is never longer than packed, and the ledger's length is the
+  encoding's."""
+  bits = np.dtype(dtype).itemsize * 8
+  width = data.draw(st.integers(1, bits), label="width")
+  signed = np.dtype(dtype).kind == "i"
+  lo, hi = (-(1 << (width - 1)), (1 << (width - 1)) - 1) if signed else (0, (1 << width) - 1)
+  rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+  skew = data.draw(st.floats(0.05, 1.0), label="skew")
+  offsets = rng.geometric(skew, size=shape) - 1
+  values = np.clip(np.where(rng.random(shape) < 0.5, -offsets, offsets) if signed else offsets,
+                   lo, hi).astype(dtype)
+  if values.size > 2:
+    values.flat[0], values.flat[-1] = lo, hi
+  payload = {"weights": {"k": Bits(values, np.asarray(width, np.int32))},
+             "x": np.arange(3, dtype=np.float32)}
+  coded = wire.encode(payload, "entropy")
+  _same(wire.decode(coded), payload)
+  assert len(coded) <= wire.encoded_size(payload) == len(wire.encode(payload))
+  assert wire.min_encoded_size(payload, "entropy") <= len(coded)
+  assert wire.coded_sizes(payload, "entropy").sizes.tolist() == [len(coded)]
+  assert wire.verify(payload, codec="entropy") == len(coded)
+
+
+def test_stacked_coded_sizes_are_each_clients_encoding():
+  rng = np.random.default_rng(5)
+  values = np.stack([_skewed(8000, seed=1), rng.integers(-8, 8, 8000).astype(np.int8),
+                     np.zeros(8000, np.int8)])
+  stacked = {"weights": {"k": Bits(jnp.asarray(values), jnp.asarray([4, 4, 4], jnp.int32))},
+             "scale": jnp.ones((3, 2), jnp.float32)}
+  coded = wire.coded_sizes(stacked, "entropy", stacked=True)
+  lengths = [len(wire.encode(wire.unstack(stacked, i), "entropy")) for i in range(3)]
+  assert coded.sizes.tolist() == lengths
+  assert lengths[1] == wire.encoded_sizes(stacked)[1]     # uniform: packed
+  assert lengths[0] < lengths[1] and lengths[2] < lengths[0]
+  packed = wire.coded_sizes(stacked, "packed", stacked=True)
+  assert packed.sizes.tolist() == wire.encoded_sizes(stacked).tolist()
+  assert packed.weight_bits == wire.weight_bits(stacked) == 3 * 8000 * 4
+
+
+def test_ledger_with_the_entropy_codec_counts_the_coded_bytes():
+  from fedbif_jax import train as train_lib
+  values = np.stack([_skewed(8000, seed=s) for s in (1, 2)])
+  uplinks = {"weights": {"k": Bits(values, np.array([4, 4], np.int32))}}
+  downlink = {"weights": {"k": Bits(_skewed(8000, seed=9), np.int32(4))},
+              "step": np.float32(0.5)}
+  packed = train_lib.traffic(downlink, uplinks, 8000)
+  assert set(packed) == {"uplink_bits", "downlink_bits", "uplink_bpp", "downlink_bpp",
+                         "uplink_total_bpp", "downlink_total_bpp"}
+  row = train_lib.traffic(downlink, uplinks, 8000, "entropy")
+  up = [wire.encode(wire.unstack(uplinks, i), "entropy") for i in range(2)]
+  down = wire.encode(downlink, "entropy")
+  assert row["uplink_bits"] == 8 * sum(map(len, up)) and row["downlink_bits"] == 16 * len(down)
+  assert row["uplink_bpp"] == row["downlink_bpp"] == 4.0          # the packed widths
+  assert row["downlink_total_bpp"] == 8 * len(down) / 8000
+  # Only the "weights" leaf: the section after its header (the step and the rest excluded).
+  header = len(wire.encode({"weights": {"k": Bits(np.zeros(8000, np.int8), np.int32(4))}})) - 4000
+  assert row["downlink_coded_bpp"] == 8 * (len(wire.encode(
+      {"weights": downlink["weights"]}, "entropy")) - header) / 8000
+  assert SKEWED_H < row["downlink_coded_bpp"] < SKEWED_H + 0.05
+  assert row["uplink_entropy_bpp"] == pytest.approx(SKEWED_H, rel=1e-12)
+  assert row["downlink_entropy_bpp"] == pytest.approx(SKEWED_H, rel=1e-12)
+  assert set(train_lib.mean_coded_bpp([row, row])) == {
+      "mean_uplink_coded_bpp", "mean_downlink_coded_bpp", "mean_uplink_entropy_bpp",
+      "mean_downlink_entropy_bpp"}
+  assert train_lib.mean_coded_bpp([packed]) == {}
+
+
+def _entropy_node(k_codes_counts, nwords_words=(0, b""), shape=(8,), dtype_code=1, width=4):
+  """An ENTROPY payload ``{"w": <node>}`` assembled by hand from the documented grammar."""
+  gaps, counts = k_codes_counts
+  body = (bytes([len(gaps)]) + b"".join(wire._varint(g) for g in gaps)
+          + b"".join(wire._varint(c) for c in counts) + wire._varint(nwords_words[0])
+          + nwords_words[1])
+  head = bytes([6, dtype_code, len(shape)]) + b"".join(wire._varint(d) for d in shape)
+  return wire.MAGIC_ENTROPY + b"\x01\x01\x01w" + head + bytes([width]) + body
+
+
+def test_hand_assembled_entropy_nodes():
+  # 8 x code 3 as one symbol takes 4 bytes (k, code, count, no words), as many as packed (8 x 4
+  # bits): the encoder would keep it packed, so the decoder refuses it (one encoding each).
+  with pytest.raises(WireError, match=r"malformed at byte \d+ \(entropy-coded leaf: 4 bytes, "
+                                      r"not fewer than the 4 bytes packed\)"):
+    wire.decode(_entropy_node(([3], [8])))
+  ok = _entropy_node(([3], [64]), shape=(64,))                  # 32 bytes packed, 4 coded
+  _same(wire.decode(ok), {"w": Bits(np.full(64, 3, np.int8), np.int32(4))})
+
+
+@pytest.mark.parametrize("data, message", [
+    (_entropy_node(([], []), shape=(64,)), r"0 symbols, allowed 1\.\.16"),
+    (_entropy_node(([0] * 17, [1] * 17), shape=(64,)), r"17 symbols, allowed 1\.\.16"),
+    (_entropy_node(([0] * 3, [1] * 3), shape=(2,)), r"3 symbols, allowed 1\.\.2"),
+    (_entropy_node(([16], [64]), shape=(64,)), r"code 16 does not fit 4 bits"),
+    (_entropy_node(([3], [63]), shape=(64,)), r"counts \(each >= 1\) sum to 63"),
+    (_entropy_node(([1, 0], [64, 0]), shape=(64,)), r"counts \(each >= 1\) sum to 64"),
+    (_entropy_node(([3], [64]), (1, b"\x01\0\0\0"), shape=(64,)), r"1 words for 1 symbols"),
+    (_entropy_node(([0, 0], [60, 4]), shape=(64,)), r"0 words for 2 symbols"),
+    (_entropy_node(([0, 0], [60, 4]), (1, b"\0\0\0\0"), shape=(64,)), r"ValueError: Invalid"),
+    (_entropy_node(([0, 0], [60, 4]), (1, b"\x05\0\0\0"), shape=(64,)),
+     r"do not decode to the symbol counts"),
+    (_entropy_node(([0], [1 << 23]), shape=(1 << 23,)), r"more than 1048576 per byte"),
+    (_entropy_node(([0, 0], [60, 4]), (1 << 40, b""), shape=(64,)), r"^payload: truncated"),
+    (_entropy_node(([0, 0], [60, 4]), (1, b"\x05\0\0"), shape=(64,)), r"^payload: truncated"),
+    (wire.MAGIC + _entropy_node(([3], [64]), shape=(64,))[4:], r"unknown node tag 6"),
+    (wire.MAGIC_ENTROPY + wire.encode({"w": np.zeros(3, np.int8)})[4:],
+     r"but no entropy-coded leaf"),
+    (wire.MAGIC_ENTROPY[:3] + b"\x03" + b"\x01\x00", r"not an encoded payload"),
+])
+def test_malformed_entropy_nodes_raise_one_wire_error(data, message):
+  with pytest.raises(WireError, match=message) as info:
+    wire.decode(data)
+  assert "\n" not in str(info.value)
+
+
+def test_decode_budget_refuses_claimed_elements_before_allocating():
+  data = _entropy_node(([3], [64]), shape=(64,))
+  assert wire.decode(data, max_elements=64)["w"].values.size == 64
+  with pytest.raises(WireError, match=r"more than the 63 elements allowed"):
+    wire.decode(data, max_elements=63)
+  # A one-word ANS stream can claim a billion near-certain symbols; the budget stops it first.
+  with pytest.raises(WireError, match=r"more than the 1000 elements allowed"):
+    wire.decode(_entropy_node(([0, 0], [10 ** 9 - 1, 1]), (1, b"\x01\0\0\0"),
+                              shape=(10 ** 9,)), max_elements=1000)
+
+
+def test_entropy_fuzz_raises_only_wire_errors():
+  """Truncations, single-bit flips and random byte edits of real entropy-coded payloads (one
+  ENTROPY leaf with many symbols, one constant, one packed): a payload or a WireError."""
+  rng = np.random.default_rng(7)
+  payload = {"weights": {"a": Bits(_skewed(3000, seed=2), np.int32(4)),
+                         "c": Bits(np.zeros((40, 40), np.uint8), np.int32(2)),
+                         "u": Bits(rng.integers(0, 2, 500).astype(np.uint8), np.int32(1))},
+             "bias": np.ones(5, np.float32)}
+  data = wire.encode(payload, "entropy")
+  outcomes = {"decoded": 0, "refused": 0}
+
+  def attempt(mutated):
+    try:
+      wire.decode(bytes(mutated))
+      outcomes["decoded"] += 1
+    except WireError as e:
+      assert "\n" not in str(e)
+      outcomes["refused"] += 1
+
+  for cut in range(0, len(data), 7):
+    attempt(data[:cut])
+  for bit in list(range(0, 8 * 120)) + rng.integers(0, 8 * len(data), 400).tolist():
+    flipped = bytearray(data)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    attempt(flipped)
+  for _ in range(300):
+    mutated = bytearray(data)
+    for where in rng.integers(0, len(data), rng.integers(1, 4)):
+      mutated[where] = rng.integers(0, 256)
+    attempt(mutated)
+  print(outcomes)
+  assert outcomes["refused"] > 500 and outcomes["decoded"] > 0, outcomes
+
+
+@pytest.mark.parametrize("codec", ["packed", "entropy"])
+@pytest.mark.parametrize("dtype, width, values", [
+    (np.int64, 63, [-(1 << 62), (1 << 62) - 1, 0, -1]),
+    (np.int64, 64, [-(1 << 63), (1 << 63) - 1, 5, -5]),
+    (np.uint64, 64, [0, (1 << 64) - 1, 1 << 63, 1]),
+    (np.int8, 8, [-128, 127, 0, -1]),
+])
+def test_widest_codes_round_trip(codec, dtype, width, values):
+  """Codes at 63 and 64 bits (the sign extension must not need an integer wider than 64 bits;
+  found by the hypothesis round trip: width 63 once raised OverflowError)."""
+  values = np.array(values, dtype)
+  payload = {"weights": {"k": Bits(values, np.asarray(width, np.int32))}}
+  decoded = wire.decode(wire.encode(payload, codec))["weights"]["k"].values
+  assert decoded.dtype == values.dtype and decoded.tolist() == values.tolist()

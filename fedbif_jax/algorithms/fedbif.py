@@ -2,9 +2,9 @@
 
 Round t:
 1. broadcast - the server picks the round's active-bit mask S^t with the selector (Sec. 3.2),
-   quantizes every bit-trained leaf theta_l to m-bit integers with the step of Eq. 5 and the
-   stochastic rounding of Eq. 1-2, and sends the integers (m bpp), the step sizes, the mask and
-   the full-precision leaves (biases, BatchNorm).
+   quantizes every bit-trained leaf theta_l to m-bit integers with the step of Eq. 5 (or the
+   learned step, ``step="learned"``, below) and the stochastic rounding of Eq. 1-2, and sends the
+   integers (m bpp), the step sizes, the mask and the full-precision leaves (biases, BatchNorm).
 2. client_start - the client decomposes the integers into bits (Eq. 4) and applies virtual bits
    inheritance once (VBI: keep its own |v|, take the sign from the received bit). Algorithm 1 as
    extracted prints VBI inside the epoch loop; Sec. 3.2's prose applies it once on receipt, the
@@ -36,9 +36,57 @@ with the defaults (1, ``uniform``) the program is unchanged.
 With ``encoding="sign_magnitude"`` (the "with a sign bit" ablation) bit m-1 is a sign bit; Eq. 6
 no longer holds (the integer is not linear in the bits), so the server recovers each client's
 integers and averages them, the recovery the paper describes in Fig. 1 step 5.
+
+The learned step size (``step="learned"``; Sec. 6 leaves "the step size can be designed to be
+learnable" to future work). The default ``step="max_abs"`` is Eq. 5, recomputed by the server
+every round. With ``learned`` every client trains one step size per bit-trained layer together
+with its activated bits, and the server keeps the aggregated step in its state:
+
+* Gradient. The client's weights are w = alpha * z with the integer z = sum_i 2^i h(v_i) - 2^(m-1)
+  (Eq. 3-4; sign-magnitude: its integer) rebuilt from the bits, so given the bits
+  dL/dalpha = sum_j dL/dw_j * z_j, exactly: z is the forward's integer, not the straight-through
+  approximation -w/s + round(w/s) of LSQ (Esser et al. 2020), whose w/s is rounded. The bits'
+  straight-through gradient (alpha * 2^i * dL/dw) uses the current alpha.
+* Scaling. LSQ's gradient scale g = 1 / sqrt(N * Q_P), N the layer's number of weights and
+  Q_P = 2^(m-1), the largest |z| of offset binary (LSQ's 2^(m-1) - 1 would be 0 for m = 1 and
+  is not Eq. 5's divisor; sign-magnitude: 2^(m-1) - 1, its largest |z|), times
+  ``step_lr_scale`` (default 1): c = step_lr_scale * g. It balances the step's update against
+  the weights' (dL/dalpha sums N terms of size up to Q_P * |dL/dw|).
+* Positivity: log alpha is learned. The client trains beta = log(alpha / alpha_received),
+  starting at 0 each round, so alpha = alpha_received * exp(beta) > 0 always and equals the
+  received step exactly at the start (exp(0) = 1: the first forward pass is the model the server
+  sent, alpha * z). The gradient changes by the chain rule: the gradient beta receives is
+  c * dL/dbeta = c * alpha * dL/dalpha = c * sum_j dL/dw_j w_j (g applied with
+  `bits.scale_gradient`, forward unchanged), the derivative along the layer's own direction,
+  which does not depend on how the layer's scale is split between alpha and z. To first order an
+  SGD step moves alpha by -lr * c * alpha^2 * dL/dalpha, alpha^2 times LSQ's step on alpha
+  itself. Why not LSQ's step on alpha (with a floor): at the lr FedBiF trains with (0.05 to 0.1)
+  from a random initialisation it is far too large: in the quickstart's first local step it
+  moves the last layer's alpha = 0.050 by 0.042 (measured; one more such step crosses 0), a floor
+  would need a constant the paper does not give and zero the gradient once hit. Compensating the
+  alpha^2 (scaling beta's gradient by c / alpha^2, an exponentiated LSQ step) keeps alpha > 0 but
+  not the size problem: the same alpha fell to 0.004 in 3 steps, the loss stalled at chance
+  (2.3) and the quickstart's round 0 ended with a NaN loss (measured).
+* Uplink. Each client sends its final alpha_k = alpha_received * exp(beta_k), a float32 per layer
+  (``uplink["alpha"]``: in the total bytes, not in the bpp, which counts ``"weights"`` only).
+* Aggregation. The exact weighted mean of the client models w_k = alpha_k * z_k is Eq. 6 with
+  per-client steps (`mean_step`):
+
+    theta^{t+1} = sum_k p_k alpha_k (sum_{i in S} 2^i b_{i,k} + sum_{j not in S} 2^j b_j - 2^(m-1))
+                = abar * (sum_k p'_k sum_{i in S} 2^i b_{i,k} + sum_{j not in S} 2^j b_j - 2^(m-1)),
+    abar = sum_k p_k alpha_k,   p'_k = p_k alpha_k / abar   (sum_k p'_k = 1),
+
+  i.e. Eq. 6 with the step abar and the client weights p'_k (`aggregate_ints`; sign-magnitude:
+  `aggregate_by_recovery`). With equal alphas abar = alpha and p'_k = p_k, Eq. 6 itself (to the
+  bit: `mean_step` forms abar as alpha_0 + sum_k p_k (alpha_k - alpha_0)). The server keeps abar
+  (state ``"alpha"``) and the next broadcast quantizes with it (Eq. 1-2) instead of Eq. 5; round 0
+  uses Eq. 5's value. theta is abar times a convex combination of m-bit integers, so it lies in
+  Eq. 1's range [-2^(m-1) abar, (2^(m-1) - 1) abar] and the clamp of Eq. 1 does not bind (beyond
+  float rounding): the stochastic rounding stays unbiased.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.traverse_util as traverse_util
@@ -55,6 +103,47 @@ from fedbif_jax.wire import Bits, is_bits
 
 # Per-bit step rules: every activated bit at the same scale, or bit i's step scaled by 2^-i.
 BIT_STEPS = ("uniform", "inverse_pow2")
+# Each layer's step size alpha: Eq. 5 every round, or learned by the clients (module docstring).
+STEPS = ("max_abs", "learned")
+
+
+def lsq_gradient_scale(num_weights: int, m: int, encoding: str = "offset") -> float:
+  """LSQ's gradient scale g = 1 / sqrt(N * Q_P) of a layer of N weights (Esser et al. 2020).
+
+  Q_P is the largest |integer| of the m-bit encoding: 2^(m-1) for offset binary (Eq. 4, also
+  Eq. 5's divisor), 2^(m-1) - 1 for sign-magnitude.
+  """
+  lo, hi = quant.int_range(m, encoding)
+  return 1.0 / math.sqrt(num_weights * max(-lo, hi))
+
+
+def learned_step(alpha_received: jax.Array, beta: jax.Array, scale: float) -> jax.Array:
+  """alpha = alpha_received * exp(beta) > 0, with beta's gradient scaled by `scale`.
+
+  Forward: exactly alpha_received at beta = 0 (exp(0) = 1). Backward:
+  dL/dbeta = scale * alpha * dL/dalpha = scale * sum_j dL/dw_j w_j (module docstring).
+  """
+  return alpha_received * jnp.exp(bits_lib.scale_gradient(beta, scale))
+
+
+def mean_step(alphas: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eq. 6 with per-client steps alpha_k: (abar, p'), abar = sum_k p_k alpha_k and
+  p'_k = p_k alpha_k / abar, so that abar * sum_k p'_k z_k = sum_k p_k alpha_k z_k.
+
+  abar is formed as alpha_0 + sum_k p_k (alpha_k - alpha_0) (equal as the weights sum to 1), so
+  with equal alphas abar = alpha_0 and p' = p to the bit, and Eq. 6 is unchanged.
+
+  Args:
+    alphas: float32 [C] > 0, the clients' steps of one layer.
+    weights: float32 [C], client weights p_k summing to 1.
+  Returns:
+    (float32 scalar abar > 0, float32 [C] p').
+  """
+  _check_client_weights(weights, jnp.shape(alphas)[0])
+  alphas = jnp.asarray(alphas, jnp.float32)
+  weights = jnp.asarray(weights, jnp.float32)
+  abar = alphas[0] + jnp.sum(weights * (alphas - alphas[0]))
+  return abar, weights * (alphas / abar)
 
 
 def bit_step_scales(active_indices: jax.Array, bit_lr_scale: float, bit_step: str) -> jax.Array:
@@ -189,8 +278,8 @@ def aggregate_by_recovery(active_bits: jax.Array, frozen_bits: jax.Array, active
 
 def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   """FedBiF from a `config.fedbif` ConfigDict (bits, active_bits, selector, order, fixed_bits,
-  encoding, vbi, bit_lr_scale, bit_step, bit_init). Validates it eagerly; raises ValueError
-  naming the field."""
+  encoding, vbi, bit_lr_scale, bit_step, bit_init, step, step_lr_scale). Validates it eagerly;
+  raises ValueError naming the field."""
   cfg = config.fedbif
   encoding = cfg.get("encoding", "offset")
   check(encoding in quant.ENCODINGS, "fedbif.encoding", f"one of {', '.join(quant.ENCODINGS)}",
@@ -222,6 +311,17 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   check(bit_init in bits_lib.BIT_INITS, "fedbif.bit_init",
         f"one of {', '.join(bits_lib.BIT_INITS)}", bit_init)
   scaled_steps = bit_lr_scale != 1.0 or bit_step != "uniform"
+  step = cfg.get("step", "max_abs")
+  check(step in STEPS, "fedbif.step", f"one of {', '.join(STEPS)}", step)
+  learned = step == "learned"
+  step_lr_scale = cfg.get("step_lr_scale", 1.0)
+  check_positive_number("fedbif.step_lr_scale", step_lr_scale)
+  check(learned or step_lr_scale == 1.0, "fedbif.step_lr_scale",
+        "1.0 unless fedbif.step=learned (it scales the learned step's gradient)", step_lr_scale)
+
+  def max_abs_steps(weights):
+    """Eq. 5 for every bit-trained leaf (`weights`, the pruned tree): float32 scalars."""
+    return jax.tree.map(lambda w: quant.step_size(w, m), weights)
 
   def init(key, variables):
     del key
@@ -229,6 +329,8 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     state = {"params": params, "model_state": model_state, "round": jnp.zeros((), jnp.int32)}
     if stateful_selector:  # the flip_rate selector's per-plane statistics (server only)
       state["selector"] = selectors.flip_rate_init(m)
+    if learned:  # the aggregated step sizes; round 0 broadcasts Eq. 5's
+      state["alpha"] = max_abs_steps(bits_lib.split_params(params, predicate)[0])
     return state
 
   def select_bits(state, key):
@@ -245,9 +347,9 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     k_select, k_round = jax.random.split(key)
     weights, other = bits_lib.split_params(state["params"], predicate)
     flat = traverse_util.flatten_dict(weights)
-    alphas, ints = {}, {}
+    alphas = traverse_util.flatten_dict(state["alpha"] if learned else max_abs_steps(weights))
+    ints = {}
     for i, path in enumerate(sorted(flat)):
-      alphas[path] = quant.step_size(flat[path], m)
       q = quant.quantize(flat[path], alphas[path], m, jax.random.fold_in(k_round, i), encoding)
       ints[path] = Bits(q, jnp.asarray(m, jnp.int32))
     return {"weights": traverse_util.unflatten_dict(ints),
@@ -268,8 +370,21 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     # inherited virtual bits ride along untouched in `frozen` until client_finish.
     idx = selectors.active_indices(downlink["active"], s)
     active_bits = jax.tree.map(lambda v: v[idx], virtual)
-    return base.LocalState(trainable={"active_bits": active_bits, "other": downlink["other"]},
-                           model_state=downlink["model_state"], frozen=virtual)
+    trainable = {"active_bits": active_bits, "other": downlink["other"]}
+    if learned:  # beta = log(alpha / alpha_received) per layer, 0 on receipt
+      trainable["log_step"] = jax.tree.map(jnp.zeros_like, downlink["alpha"])
+    return base.LocalState(trainable=trainable, model_state=downlink["model_state"],
+                           frozen=virtual)
+
+  def client_steps(trainable, downlink):
+    """Each layer's step size on the client: the received alpha (Eq. 5 or the server's
+    aggregate), or with ``learned`` alpha_received * exp(beta) (`learned_step`)."""
+    if not learned:
+      return downlink["alpha"]
+    return jax.tree.map(
+        lambda alpha, beta, q: learned_step(
+            alpha, beta, step_lr_scale * lsq_gradient_scale(q.values.size, m, encoding)),
+        downlink["alpha"], trainable["log_step"], downlink["weights"])
 
   def model_params(trainable, downlink):
     """Eq. 4 with the frozen bits read off the received integers: per step, O(s) work per weight.
@@ -297,8 +412,8 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
       active_part = jnp.sum(pow2.astype(jnp.float32) * bits_lib.ste_step(v_active), axis=0)
       return alpha * (frozen_part.astype(jnp.float32) + active_part - 2.0 ** (m - 1))
 
-    weights = jax.tree.map(leaf, trainable["active_bits"], downlink["alpha"], downlink["weights"],
-                           is_leaf=is_bits)
+    weights = jax.tree.map(leaf, trainable["active_bits"], client_steps(trainable, downlink),
+                           downlink["weights"], is_leaf=is_bits)
     return bits_lib.merge_params(weights, trainable["other"])
 
   def client_finish(downlink, client_state, local, key, stats):
@@ -309,24 +424,36 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
                                bits_lib.hard_bits(trained))
     uplink = {"weights": uplink_bits, "other": local.trainable["other"],
               "model_state": local.model_state}
+    if learned:  # the client's step sizes: a float32 per layer, outside the bpp
+      uplink["alpha"] = client_steps(local.trainable, downlink)
     virtual = jax.tree.map(lambda full, v: full.at[idx].set(v), local.frozen, trained)
     return uplink, {"virtual_bits": virtual}
 
   def aggregate(state, downlink, uplinks, weights, client_metrics):
     del client_metrics
-    if encoding == "offset":  # Eq. 6 straight from the broadcast integers
-      fold = lambda up, q, alpha: aggregate_ints(up.values, q.values, downlink["active"], alpha,
-                                                 weights, m)
+
+    def fold(up, q, alpha, p):
+      if encoding == "offset":  # Eq. 6 straight from the broadcast integers
+        return aggregate_ints(up.values, q.values, downlink["active"], alpha, p, m)
+      return aggregate_by_recovery(up.values, quant.to_bits(q.values, m, encoding),
+                                   downlink["active"], alpha, p, m, encoding=encoding)
+
+    if learned:  # Eq. 6 with the clients' steps: abar and p'_k (`mean_step`) per layer
+      steps = jax.tree.map(lambda a: mean_step(a, weights), uplinks["alpha"])
+      is_pair = lambda x: isinstance(x, tuple)
+      alphas = jax.tree.map(lambda pair: pair[0], steps, is_leaf=is_pair)
+      client_weights = jax.tree.map(lambda pair: pair[1], steps, is_leaf=is_pair)
     else:
-      fold = lambda up, q, alpha: aggregate_by_recovery(
-          up.values, quant.to_bits(q.values, m, encoding), downlink["active"], alpha, weights, m,
-          encoding=encoding)
-    new_weights = jax.tree.map(fold, uplinks["weights"], downlink["weights"], downlink["alpha"],
-                               is_leaf=is_bits)
+      alphas = downlink["alpha"]
+      client_weights = jax.tree.map(lambda _: weights, alphas)
+    new_weights = jax.tree.map(fold, uplinks["weights"], downlink["weights"], alphas,
+                               client_weights, is_leaf=is_bits)
     other = base.weighted_mean(uplinks["other"], weights)
     new_state = {"params": bits_lib.merge_params(new_weights, other),
                  "model_state": base.weighted_mean(uplinks["model_state"], weights),
                  "round": state["round"] + 1}
+    if learned:
+      new_state["alpha"] = alphas
     if stateful_selector:
       new_state["selector"] = selectors.flip_rate_update(
           state["selector"], downlink["active"], plane_flip_rates(uplinks, downlink, weights))

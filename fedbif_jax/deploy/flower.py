@@ -1,4 +1,4 @@
-"""Flower (flwr 1.42) glue: the ServerApp and ClientApp that carry our bit-packed payloads, and a
+"""Flower (flwr 1.42) glue: the ServerApp and ClientApp that carry our wire-encoded payloads, and a
 command line that starts a SuperLink, SuperNodes and a run on one machine.
 
 Needs the optional extra: ``pip install -r requirements-flower.txt``.
@@ -14,7 +14,8 @@ A run (`run_server`):
 1. registration: a ``query`` message to every connected SuperNode; each answers with its
    ``partition-id`` (``--node-config partition-id=N``), the client id whose shard it trains;
 2. round t, for the selected clients (`roles.Server.open_round`): a ``train`` message with the
-   downlink as one uint8 `Array` of `wire.encode` bytes (``downlink/payload``), the round, the
+   downlink as one uint8 `Array` of `wire.encode` bytes (``downlink/payload``; bit-packed, or
+   entropy-coded with ``--config.wire_codec=entropy``, the uplinks too), the round, the
    client id and the run key (``round`` ConfigRecord). The client (`roles.Client.train`) decodes
    it, trains, and replies with its uplink as one uint8 `Array` (``uplink/payload``) and its
    ``loss_sum`` / ``count`` (``metrics`` MetricRecord); it keeps its persistent state (FedBiF's
@@ -60,7 +61,7 @@ bits per weight and client); remove the state folders when a run is done.
 Bytes: the rows of ``<workdir>/metrics.jsonl`` count the payload bytes that crossed the
 transport (``downlink_bytes_sent``: the downlink message length x the clients it went to;
 ``uplink_bytes_received`` / ``uplink_bytes_accepted``) next to the ledger the simulator keeps
-(``uplink_bits`` / ``downlink_bits`` from `wire.encoded_size`, bpp); each client also reports the
+(``uplink_bits`` / ``downlink_bits`` from `wire.coded_sizes`, bpp); each client also reports the
 lengths it received and sent. Flower's own framing (the ``.npy`` header of an `Array`, protobuf,
 HTTP) is not counted in the ledger; ``*_array_bytes`` give the `Array` sizes with their header.
 
@@ -311,6 +312,7 @@ def save_state(path: str, state: Any) -> None:
 
 
 def _summary(rows: list[dict], config) -> dict:
+  from fedbif_jax import train as train_lib
   with_uplinks = [r for r in rows if r.get("accepted")]
   mean = lambda key: (float(np.mean([r[key] for r in with_uplinks])) if with_uplinks
                       else float("nan"))
@@ -321,6 +323,7 @@ def _summary(rows: list[dict], config) -> dict:
       "best_accuracy": max(r["test_accuracy"] for r in rows),
       "mean_uplink_bpp": mean("uplink_bpp"),
       "mean_downlink_bpp": mean("downlink_bpp"),
+      **train_lib.mean_coded_bpp(with_uplinks),
       "downlink_bytes_sent": sum(r["downlink_bytes_sent"] for r in rows),
       "uplink_bytes_received": sum(r["uplink_bytes_received"] for r in rows),
       "uplink_bytes_accepted": sum(r["uplink_bytes_accepted"] for r in rows),

@@ -2,23 +2,28 @@
 
 Owns the boundary between untrusted bytes and the library (no flwr import):
 
-* `to_array(payload)` - the `wire.encode` bytes as a 1-D uint8 numpy array (what a Flower `Array`
-  carries); `from_array(data)` - the inverse, for input that needs no spec (a client decoding
-  the server's downlink); every failure is a `PayloadError`;
+* `to_array(payload, codec)` - the `wire.encode` bytes (``packed`` or ``entropy``, the run's
+  ``wire_codec``) as a 1-D uint8 numpy array (what a Flower `Array` carries); `from_array(data)`
+  - the inverse, for input that needs no spec (a client decoding the server's downlink; either
+  codec); every failure is a `PayloadError`;
 * a *spec* - what a payload must look like: the same nested dicts / lists / tuples as the
   payload, with a `Leaf` in place of every array: plain array or `Bits`, dtype, shape and, for
   `Bits`, the bit width when the algorithm fixes it (FedBiF's uplink: 1 bit) or ``None`` when it
   depends on the client's data (FedDQ, DAdaQuant: any width the dtype holds). `spec_of` reads
   one off a payload or its shapes; `uplink_spec` traces one client's `client_finish` to get the
   uplink the server expects in a round;
-* `validate(data, spec)` - checks a client's bytes against a spec and returns the decoded
-  payload, or raises `PayloadError` whose message is one line saying why.
+* `validate(data, spec, codec=...)` - checks a client's bytes against a spec and returns the
+  decoded payload, or raises `PayloadError` whose message is one line saying why.
 
 `validate` checks, in order: the container (bytes, or a 1-D uint8 array); the length, within the
-bounds the spec allows (exact when every width is fixed), so that a huge or truncated message is
-refused before decoding; `wire.decode` under a guard (wrong magic, unknown tag or dtype, bad
-width, truncation, trailing bytes, non-UTF-8 keys, absurd shapes, nesting too deep: anything it
-raises becomes a `PayloadError`); the tree (dict keys, list / tuple kind and length); every leaf's
+bounds the spec allows (`size_bounds`: exact when every width is fixed and the codec is packed;
+with the entropy codec from the smallest entropy-coded form up to the packed length, which an
+entropy-coded payload never exceeds), so that a huge or truncated message is refused before
+decoding; the codec (an entropy-coded payload when the run is packed is refused); `wire.decode`
+under a guard, with the spec's total element count as its allocation bound (wrong magic,
+unknown tag or dtype, bad width, truncation, trailing bytes, non-UTF-8 keys, absurd shapes,
+malformed symbol statistics or ANS words, nesting too deep: anything it raises becomes a
+`PayloadError`); the tree (dict keys, list / tuple kind and length); every leaf's
 kind, dtype, shape and width; every floating-point value finite. It does not check an
 algorithm's semantics beyond the format (e.g. that a DAdaQuant client's "levels" match its
 widths): a well-formed payload with implausible values is aggregated.
@@ -26,6 +31,7 @@ widths): a well-formed payload with implausible values is aggregated.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -63,9 +69,9 @@ def _fail(name: str, reason: str) -> PayloadError:
 # ----------------------------------------------------------------------------- arrays
 
 
-def to_array(payload: Any) -> np.ndarray:
-  """``wire.encode(payload)`` as a 1-D uint8 array (read-only, no copy of the bytes)."""
-  return np.frombuffer(wire.encode(payload), np.uint8)
+def to_array(payload: Any, codec: str = "packed") -> np.ndarray:
+  """``wire.encode(payload, codec)`` as a 1-D uint8 array (read-only, no copy of the bytes)."""
+  return np.frombuffer(wire.encode(payload, codec), np.uint8)
 
 
 def _as_bytes(data: Any, name: str) -> bytes:
@@ -80,9 +86,9 @@ def _as_bytes(data: Any, name: str) -> bytes:
   raise _fail(name, f"expected bytes or a 1-D uint8 array, got {type(data).__name__}")
 
 
-def _decode(buf: bytes, name: str) -> Any:
+def _decode(buf: bytes, name: str, max_elements: int | None = None) -> Any:
   try:
-    return wire.decode(buf)
+    return wire.decode(buf, max_elements)
   except RecursionError:
     raise _fail(name, "nested too deeply") from None
   except wire.WireError as e:
@@ -91,12 +97,14 @@ def _decode(buf: bytes, name: str) -> Any:
     raise _fail(name, f"undecodable ({type(e).__name__}: {_one_line(e, 120)})") from None
 
 
-def from_array(data: Any, name: str = "payload", max_bytes: int | None = None) -> Any:
-  """Decodes bytes or a 1-D uint8 array written by `to_array`; raises PayloadError."""
+def from_array(data: Any, name: str = "payload", max_bytes: int | None = None,
+               max_elements: int | None = None) -> Any:
+  """Decodes bytes or a 1-D uint8 array written by `to_array`; raises PayloadError. The bounds
+  refuse a longer message, or one whose header claims more elements in all (`wire.decode`)."""
   buf = _as_bytes(data, name)
   if max_bytes is not None and len(buf) > max_bytes:
     raise _fail(name, f"{len(buf)} bytes, more than the {max_bytes} allowed")
-  return _decode(buf, name)
+  return _decode(buf, name, max_elements)
 
 
 # ----------------------------------------------------------------------------- specs
@@ -178,10 +186,17 @@ def _skeleton(spec: Any, bound: str) -> Any:
   return _walk(spec, leaf)
 
 
-def size_bounds(spec: Any) -> tuple[int, int]:
-  """(smallest, largest) encoded length in bytes of a payload satisfying `spec` (equal when
-  every width is fixed)."""
-  return (wire.encoded_size(_skeleton(spec, "min")), wire.encoded_size(_skeleton(spec, "max")))
+def size_bounds(spec: Any, codec: str = "packed") -> tuple[int, int]:
+  """(smallest, largest) length in bytes of ``wire.encode(p, codec)`` for a payload p satisfying
+  `spec` (packed: equal when every width is fixed). Entropy coding keeps a Bits leaf packed
+  unless its coded form is shorter, so the largest is the packed one for both codecs."""
+  return (wire.min_encoded_size(_skeleton(spec, "min"), codec),
+          wire.encoded_size(_skeleton(spec, "max")))
+
+
+def num_elements(spec: Any) -> int:
+  """Elements of all the leaves of a payload satisfying `spec`."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(spec))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -241,15 +256,19 @@ def _kind(node: Any) -> str:
   return type(node).__name__
 
 
-def validate(data: Any, spec: Any, name: str = "payload") -> Any:
-  """The payload in `data` (bytes or a 1-D uint8 array) if it satisfies `spec`; otherwise raises
-  `PayloadError` with a one-line reason (see the module docstring for the checks)."""
+def validate(data: Any, spec: Any, name: str = "payload", codec: str = "packed") -> Any:
+  """The payload in `data` (bytes or a 1-D uint8 array) if it satisfies `spec` and was encoded
+  with `codec` (``entropy`` accepts packed leaves too: the encoder keeps a leaf packed where
+  that is shorter); otherwise raises `PayloadError` with a one-line reason (see the module
+  docstring for the checks)."""
   buf = _as_bytes(data, name)
-  lo, hi = size_bounds(spec)
+  lo, hi = size_bounds(spec, codec)
   if not lo <= len(buf) <= hi:
     expected = f"{lo}" if lo == hi else f"{lo}..{hi}"
     raise _fail(name, f"{len(buf)} bytes, expected {expected}")
-  payload = _decode(buf, name)
+  if codec == "packed" and buf.startswith(wire.MAGIC_ENTROPY):
+    raise _fail(name, "entropy-coded, but this run's wire_codec is packed")
+  payload = _decode(buf, name, num_elements(spec))
   try:
     _match(payload, spec, name, "")
   except PayloadError:

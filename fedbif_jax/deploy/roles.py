@@ -5,16 +5,18 @@ pieces from the config (`train.build_job`: data, partition, model, algorithm, lo
 keys) and plan round t with `train.plan_round`, so a deployment computes the simulator's rounds:
 
 * `Server.open_round(t)`: the plan (selected client ids, weights, schedule, keys), the downlink
-  of ``algorithm.broadcast`` and its `wire.encode` bytes (one message, sent to every selected
-  client), and the spec of the uplink this round expects (`payload.uplink_spec`);
+  of ``algorithm.broadcast`` and its `wire.encode` bytes with the config's ``wire_codec`` (one
+  message, sent to every selected client), and the spec of the uplink this round expects
+  (`payload.uplink_spec`);
 * `Client.train(t, client_id, downlink, state)`: decodes the downlink and runs the library's
   local training (`fedbif_jax/parallel.py`'s runner over this one client, with the plan's batch
-  schedule and key), returning the uplink bytes, the client's ``loss_sum`` / ``count`` and its
-  new persistent state;
+  schedule and key), returning the uplink bytes (``wire_codec``), the client's ``loss_sum`` /
+  ``count`` and its new persistent state;
 * `Server.close_round(round, replies)`: validates every reply (`payload.validate` for the bytes,
-  finite non-negative numbers for the metrics). A client whose reply is missing or malformed is
-  dropped with a logged one-line reason; the others are aggregated (``algorithm.aggregate``)
-  with the plan's weights renormalised over them (unchanged when nobody is dropped). Then the
+  with the config's ``wire_codec``; finite non-negative numbers for the metrics). A client
+  whose reply is missing or malformed is dropped with a logged one-line reason; the others are
+  aggregated (``algorithm.aggregate``) with the plan's weights renormalised over them
+  (unchanged when nobody is dropped). Then the
   global model is evaluated and the round's row is returned: accuracy and losses, who was
   accepted or dropped and why, which clients had lost their state (``state_lost``), the ledger
   of `train.traffic` over the accepted clients, and the payload bytes actually sent and received.
@@ -55,6 +57,7 @@ from fedbif_jax.deploy import payload as payload_lib
 from fedbif_jax.deploy.payload import PayloadError
 from fedbif_jax.errors import check
 from fedbif_jax import xla_options
+from fedbif_jax.algorithms.base import RoundInfo
 
 log = logging.getLogger("fedbif_jax")
 
@@ -64,7 +67,7 @@ class Round(NamedTuple):
   t: int
   plan: train_lib.RoundPlan
   downlink: Any          # the broadcast payload (on the device)
-  message: np.ndarray    # uint8, wire.encode(downlink): what every selected client receives
+  message: np.ndarray    # uint8, wire.encode(downlink, wire_codec): what every client receives
   spec: Any              # the uplink every client must send (`payload.uplink_spec`)
   started: float         # time.time() when the round opened
 
@@ -156,7 +159,8 @@ class Server:
     plan = train_lib.plan_round(self.config, self.job, t)
     downlink = self._broadcast(self.state, plan.broadcast_key, plan.info)
     spec = payload_lib.uplink_spec(self.job.local, downlink, self._client_state, plan.keys[0])
-    return Round(t, plan, downlink, payload_lib.to_array(downlink), spec, started)
+    return Round(t, plan, downlink, payload_lib.to_array(downlink, self.config.wire_codec), spec,
+                 started)
 
   def close_round(self, rnd: Round, replies: Mapping[int, Reply | str]) -> dict:
     """Validates, aggregates the accepted clients and evaluates; returns the round's row.
@@ -183,7 +187,7 @@ class Server:
       try:
         if not isinstance(reply, Reply):
           raise PayloadError(f"{name}: {reply}")
-        uplink = payload_lib.validate(reply.data, rnd.spec, name)
+        uplink = payload_lib.validate(reply.data, rnd.spec, name, self.config.wire_codec)
         loss_sum, count = _client_metrics(reply.metrics, name)
       except PayloadError as e:
         dropped[c] = str(e)
@@ -206,7 +210,8 @@ class Server:
       client_metrics = {"loss_sum": jnp.asarray(np.array(loss_sums, np.float32)),
                         "count": jnp.asarray(np.array(counts, np.float32))}
       new_state = self._aggregate(self.state, rnd.downlink, stacked, weights, client_metrics)
-      row.update(train_lib.traffic(rnd.downlink, stacked, self.job.num_weights))
+      row.update(train_lib.traffic(rnd.downlink, stacked, self.job.num_weights,
+                                   self.config.wire_codec))
       train_loss = float(np.sum(loss_sums) / max(np.sum(counts), 1.0))
     else:
       log.error("round %d: no client's uplink was accepted; the global model is unchanged", t)
@@ -250,6 +255,11 @@ class Client:
     self._init = jax.jit(job.algorithm.init_client)
     self.state_spec = payload_lib.spec_of(
         jax.eval_shape(job.algorithm.init_client, job.k_clients, job.variables))
+    # What a downlink may claim in all: the elements of the broadcast's shapes (traced, not run).
+    selected = jax.ShapeDtypeStruct((config.clients_per_round or config.num_clients,), jnp.float32)
+    server = jax.eval_shape(job.algorithm.init, job.k_server, job.variables)
+    self.downlink_elements = payload_lib.num_elements(payload_lib.spec_of(jax.eval_shape(
+        job.algorithm.broadcast, server, job.k_rounds, RoundInfo(selected, selected))))
 
   def previous_round(self, t: int, client_id: int) -> int | None:
     """The last round before t that selected `client_id` (whose state it starts round t from);
@@ -281,13 +291,15 @@ class Client:
     i = int(where[0])
     # On device 0, committed, as the simulator's broadcast leaves it: the same placement, so the
     # same compiled programs (and entries of JAX's persistent compilation cache).
-    decoded = jax.device_put(payload_lib.from_array(downlink, "downlink"), jax.local_devices()[0])
+    decoded = jax.device_put(payload_lib.from_array(downlink, "downlink",
+                                                    max_elements=self.downlink_elements),
+                             jax.local_devices()[0])
     stacked = jax.tree.map(lambda x: np.asarray(x)[None], state)
     uplinks, states, metrics = self._runner.run(decoded, stacked, plan.idx[i:i + 1],
                                                 plan.mask[i:i + 1], plan.keys[i:i + 1], self._data)
     metrics = jax.device_get(metrics)
     new_state = jax.tree.map(lambda x: np.asarray(x[0]), states)
-    return (payload_lib.to_array(wire.unstack(uplinks, 0)),
+    return (payload_lib.to_array(wire.unstack(uplinks, 0), self.config.wire_codec),
             {"loss_sum": float(metrics["loss_sum"][0]), "count": float(metrics["count"][0])},
             new_state)
 
