@@ -115,9 +115,15 @@ ABLATIONS = {
     "random_selector": {"fedbif.selector": "random"},
 }
 # name -> overrides of the tuned FedBiF-1/4: the directions the paper leaves open (Sec. 6).
+# The codec changes no value a client or the server computes (its runs must equal table1's
+# FedBiF runs), only the bytes: the report compares its bpp with the packed width and the entropy.
 BEYOND = {
     "flip_rate": {"fedbif.selector": "flip_rate"},
+    "learned_step": {"fedbif.step": "learned"},
+    "entropy_codec": {"wire_codec": "entropy"},
 }
+# BEYOND variants that change only how payloads are encoded, not what is sent.
+CODEC_VARIANTS = ("entropy_codec",)
 GRIDS = ("tune", "table1", "tune_baselines", "baselines", "ablations", "bridge", "beyond")
 TUNE_GRIDS = ("tune", "tune_baselines")
 

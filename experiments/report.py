@@ -33,8 +33,8 @@ from absl import flags
 import numpy as np
 
 
-from experiments.grid import (ABLATIONS, BASELINES, BEYOND, DEFAULT_TUNED, PARTITIONS,
-                              grid_runs, read_jsonl, read_tuned, tune_candidates)
+from experiments.grid import (ABLATIONS, BASELINES, BEYOND, CODEC_VARIANTS, DEFAULT_TUNED,
+                              PARTITIONS, grid_runs, read_jsonl, read_tuned, tune_candidates)
 
 LABELS = {"fedavg": "FedAvg", "signsgd": "SignSGD", "fedpaq": "FedPAQ", "feddq": "FedDQ",
           "dadaquant": "DAdaQuant", "fedbif": "FedBiF-1/4 (uniform Eq. 6)",
@@ -43,7 +43,9 @@ LABELS = {"fedavg": "FedAvg", "signsgd": "SignSGD", "fedpaq": "FedPAQ", "feddq":
           "no_vbi": "without VBI", "fixed_selector": "fixed selector (3rd bit)",
           "random_selector": "random selector", "fedavg-cnn": "FedAvg, BN-free CNN",
           "fedbif-cnn": "FedBiF-1/4, BN-free CNN",
-          "flip_rate": "FedBiF-1/4, flip_rate selector (ours)"}
+          "flip_rate": "FedBiF-1/4, flip_rate selector (ours)",
+          "learned_step": "FedBiF-1/4, learned step (ours)",
+          "entropy_codec": "FedBiF-1/4, entropy-coded payloads (ours)"}
 TABLE_VARIANTS = ("fedavg",) + BASELINES + ("fedbif", "fedbif-pk")
 PARTITION_LABELS = {"iid": "IID", "dir0.5": "Dir(0.5)", "dir0.1": "Dir(0.1)"}
 RUN_NAME = re.compile(r"^(?P<variant>.+)-(?P<partition>iid|dir0\.5|dir0\.1)-s(?P<seed>\d+)$")
@@ -333,6 +335,11 @@ def beyond_section(table, beyond, targets) -> list[str]:
         lines.append(f"| {LABELS[v]} | {_result_cells(rs, targets.get(p))} |")
     lines.append("")
     for v, rs in rows:
+      if v in CODEC_VARIANTS:
+        if rs:
+          lines += codec_table(rs)
+          verdicts.append(codec_verdict(LABELS[v], PARTITION_LABELS[p], rs, reference))
+        continue
       mine, ref = _mean(rs, "best_accuracy"), _mean(reference, "best_accuracy")
       if mine[0] is None or ref[0] is None:
         continue
@@ -343,6 +350,41 @@ def beyond_section(table, beyond, targets) -> list[str]:
                       f"{gap:+.1f} points against default FedBiF-1/4 ({mine[2]} vs {ref[2]} "
                       "seeds).")
   return lines + verdicts + ([""] if verdicts else [])
+
+
+def codec_table(runs) -> list[str]:
+  """Per direction: the packed width, the entropy-coded bits and the empirical entropy (the
+  limit of per-tensor coding), bits per compressed weight averaged over rounds, mean ± std over
+  the runs."""
+  def cell(key):
+    mean, std, n = _mean(runs, key)
+    return "-" if mean is None else (f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")
+
+  lines = ["| direction | packed bpp | entropy-coded bpp | empirical entropy bpp |",
+           "|---|---|---|---|"]
+  for direction in ("downlink", "uplink"):
+    lines.append(f"| {direction} | {cell(f'mean_{direction}_bpp')} | "
+                 f"{cell(f'mean_{direction}_coded_bpp')} | {cell(f'mean_{direction}_entropy_bpp')} |")
+  return lines + [""]
+
+
+def codec_verdict(label, partition, runs, reference) -> str:
+  """A codec changes only bytes: the verdict checks that accuracy equals the reference runs of
+  the same seeds exactly, and gives the change in total bytes over those seeds."""
+  by_seed = {r["config"]["seed"]: r for r in reference if r["summary"] and r["config"]}
+  pairs = [(r, by_seed[r["config"]["seed"]]) for r in runs
+           if r["summary"] and r["config"] and r["config"]["seed"] in by_seed]
+  if not pairs:
+    return f"- {label}, {partition}: no FedBiF-1/4 run of the same seed to compare with yet."
+  same = sum(a["summary"]["final_accuracy"] == b["summary"]["final_accuracy"]
+             and a["summary"]["best_accuracy"] == b["summary"]["best_accuracy"] for a, b in pairs)
+  saved = [1 - a["summary"]["total_bytes"] / b["summary"]["total_bytes"] for a, b in pairs]
+  accuracy = (f"accuracy identical to default FedBiF-1/4 in {same} of {len(pairs)} seeds (same "
+              "training, only the encoding differs)" if same == len(pairs) else
+              f"accuracy differs from default FedBiF-1/4 in {len(pairs) - same} of {len(pairs)} "
+              "seeds, which a codec must not do: a bug to find")
+  return (f"- {label}, {partition}: {accuracy}; total bytes {-100 * np.mean(saved):+.1f}% "
+          f"against the packed encoding (mean of {len(pairs)} seeds).")
 
 
 def table_section(table: dict, partitions: list[str], rel, fig_dir) -> tuple[list[str], dict]:

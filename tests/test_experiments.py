@@ -93,6 +93,12 @@ def test_smoke_pipeline_tunes_runs_resumes_and_reports(tmp_path):
   # A rerun does nothing; a run without its summary (killed after its last checkpoint) resumes.
   summary_path = os.path.join(grid_lib.run_dir(root, run), "summary.json")
   before = json.load(open(summary_path))
+  # The entropy codec changes bytes only: its beyond run trains exactly as table1's FedBiF run.
+  coded = json.load(open(os.path.join(root, "beyond", "entropy_codec-dir0.5-s0", "summary.json")))
+  for key in ("final_accuracy", "best_accuracy", "final_sparsity", "mean_downlink_bpp"):
+    assert coded[key] == before[key], key
+  assert coded["total_bytes"] <= before["total_bytes"]
+  assert coded["mean_downlink_entropy_bpp"] <= coded["mean_downlink_coded_bpp"] <= 4.0
   os.remove(summary_path)
   assert grid_lib.run_status(root, run, tuned) == "partial"
   counts = grid_lib.run_pipeline(root, list(grid_lib.GRIDS), base, tuned_path, smoke=True)
@@ -116,6 +122,9 @@ def test_smoke_pipeline_tunes_runs_resumes_and_reports(tmp_path):
   assert "± " in text and "without VBI" in text and "BatchNorm-free" in text
   assert "holds**" in text  # claims are decided (either way) with numbers
   assert "table1/fedbif Dir(0.5): 1 of 2 seeds" in text  # the removed summary
+  assert "FedBiF-1/4, learned step (ours)" in text and "flip_rate selector" in text
+  assert "| FedBiF-1/4, entropy-coded payloads (ours) | 1 |" in text
+  assert "| downlink | 4.000 | " in text and "| uplink | 1.000 | " in text  # packed widths
   for fig in ("tuning", "convergence", "sparsity", "lipschitz", "histograms", "ablation_bits",
               "ablation_variants"):
     path = tmp_path / "docs" / "figures" / f"{fig}.png"
