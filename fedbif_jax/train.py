@@ -35,8 +35,9 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import logging
 
@@ -206,8 +207,10 @@ class RoundPlan(NamedTuple):
 
 def build_job(config: ml_collections.ConfigDict) -> Job:
   """Loads the data, partitions it, builds the model, the algorithm and its local training, and
-  initialises the variables, all seeded by ``config.seed``. Raises ConfigError on bad input."""
+  initialises the variables, all seeded by ``config.seed``. Raises ConfigError on bad input
+  before any data is read (the engine's fields, then the algorithm's own section)."""
   validate_config(config)
+  get_algorithm(config)  # its fields checked now: a bad one must not wait for a data download
   dataset = data_lib.load_dataset(
       config.data.source, name=config.data.name, path=config.data.path,
       data_dir=config.data.data_dir or None, train_subset=config.data.train_subset,
@@ -430,18 +433,35 @@ def _summary(rows: list[dict], config) -> dict:
       best = int(np.argmax(accs))
       summary.update({f"final_{prefix}accuracy": accs[-1], f"best_{prefix}accuracy": accs[best],
                       f"best_{prefix}round": evaluated[best]["round"]})
+      loss_key = key.replace("accuracy", "loss")
+      if loss_key in evaluated[-1]:
+        summary[f"final_{prefix}loss"] = evaluated[-1][loss_key]
   summary.update({
       "final_sparsity": rows[-1]["sparsity"],
       "mean_uplink_bpp": float(np.mean([r["uplink_bpp"] for r in rows])),
       "mean_downlink_bpp": float(np.mean([r["downlink_bpp"] for r in rows])),
       "mean_uplink_total_bpp": float(np.mean([r["uplink_total_bpp"] for r in rows])),
       "mean_downlink_total_bpp": float(np.mean([r["downlink_total_bpp"] for r in rows])),
-      "total_bytes": rows[-1]["cumulative_bytes"],
-      "total_uplink_bytes": rows[-1]["cumulative_uplink_bytes"],
-      "total_downlink_bytes": rows[-1]["cumulative_downlink_bytes"],
+      "total_bytes": int(rows[-1]["cumulative_bytes"]),
+      "total_uplink_bytes": int(rows[-1]["cumulative_uplink_bytes"]),
+      "total_downlink_bytes": int(rows[-1]["cumulative_downlink_bytes"]),
+      "wall_seconds": float(sum(r.get("wall_seconds", 0.0) for r in rows)),
+      "environment": environment(),
   })
   summary.update(mean_coded_bpp(rows))
   return summary
+
+
+def environment() -> dict:
+  """What ran the job (summary.json's ``environment``): versions and devices."""
+  import platform  # pylint: disable=import-outside-toplevel
+  import flax  # pylint: disable=import-outside-toplevel
+  from fedbif_jax import __version__  # pylint: disable=import-outside-toplevel
+  devices = jax.devices()
+  return {"fedbif_jax": __version__, "jax": jax.__version__, "jaxlib": jax.lib.__version__,
+          "flax": flax.__version__, "python": platform.python_version(),
+          "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
+          "devices": len(devices), "processes": jax.process_count()}
 
 
 CODED_BPP_FIELDS = ("uplink_coded_bpp", "downlink_coded_bpp", "uplink_entropy_bpp",
@@ -460,13 +480,92 @@ def _format_eta(seconds: float) -> str:
   return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) a federated training job; returns the summary dict.
+class TrainResult(NamedTuple):
+  """What `train_and_evaluate` returns: the summary (as in summary.json) and the final global
+  model's variables (host numpy arrays: ``{"params": ..., "batch_stats": ...}``, what
+  ``model.apply`` takes)."""
+  summary: dict
+  variables: Any
 
+
+class GlobalModel(NamedTuple):
+  """`load_global`'s answer: the run's config and its global model's variables after `round`
+  rounds. The module they belong to is ``models.get_model(config.model.name, num_classes)``."""
+  config: ml_collections.ConfigDict
+  variables: Any
+  round: int
+
+
+def load_global(workdir: str, step: int | None = None) -> GlobalModel:
+  """The global model of a run's workdir, from its newest checkpoint (or the one after `step`
+  rounds), with the config it was trained with (``config.json``), without loading its data.
+
+  Raises:
+    ConfigError: no config.json or no checkpoint in `workdir` (one line).
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"workdir: {workdir!r} holds no config.json (not a run's workdir)")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  manager = checkpoint_manager(workdir)
+  steps = manager.all_steps()
+  if not steps or (step is not None and step not in steps):
+    raise ConfigError(f"workdir: {manager.directory} has no checkpoint"
+                      + (f" after round {step} (kept: {sorted(steps)})" if steps and step else "")
+                      + (" (checkpoint_every was 0?)" if not steps else ""))
+  step = max(steps) if step is None else step
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  if "server" not in restored:
+    raise ConfigError(f"workdir: {manager.directory} holds another kind of checkpoint")
+  variables = get_algorithm(config).eval_variables(restored["server"])
+  return GlobalModel(config, jax.device_get(variables), int(step))
+
+
+@contextlib.contextmanager
+def progress_logging():
+  """Makes the round lines (INFO on the ``fedbif_jax`` logger) visible when the caller has not
+  set logging up: from a notebook or a script, as from launch.py. A level the caller set on the
+  logger is kept; without any handler up the logger tree (a bare Python process), one that
+  prints to stdout is attached for the call. Restored afterwards."""
+  added = None
+  level = log.level
+  if level == logging.NOTSET:
+    log.setLevel(logging.INFO)
+  if not log.hasHandlers():
+    added = logging.StreamHandler(sys.stdout)
+    added.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(added)
+  try:
+    yield
+  finally:
+    log.setLevel(level)
+    if added is not None:
+      log.removeHandler(added)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       callbacks: Sequence[Callable[[dict], None]] = ()) -> TrainResult:
+  """Runs (or resumes) a federated training job.
+
+  Args:
+    config: a config from ``configs/`` or `fedbif_jax.config.base_config` (validated before any
+      data is read).
+    workdir: where config.json, metrics.jsonl, summary.json, curves.png and checkpoints/ go; a
+      workdir with a run of the same config resumes it.
+    callbacks: each called with every round's metrics.jsonl row (a dict) after it is written,
+      on process 0 (e.g. a TensorBoard or W&B writer, or a list's append).
+  Returns:
+    `TrainResult`: the summary and the final global model's variables.
   Raises:
     ConfigError: bad configuration (message names the field).
     TrainingDiverged: a NaN/inf loss; the last good checkpoint is kept.
   """
+  with progress_logging():
+    return _train_and_evaluate(config, workdir, tuple(callbacks))
+
+
+def _train_and_evaluate(config, workdir: str, callbacks: tuple) -> TrainResult:
   job = build_job(config)  # validates the config first
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -534,9 +633,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # The untrained global model's bound, the reference that learned bounds are compared with.
   untrained_lipschitz = (probe(server_state, jax.random.fold_in(job.k_server, 1))[0]
                          if probe and start_round == 0 else None)
-  cum_up = rows[-1]["cumulative_uplink_bytes"] if rows else 0.0
-  cum_down = rows[-1]["cumulative_downlink_bytes"] if rows else 0.0
-  t_start = time.time()
+  cum_up = int(rows[-1]["cumulative_uplink_bytes"]) if rows else 0
+  cum_down = int(rows[-1]["cumulative_downlink_bytes"]) if rows else 0
+  t_first_done = None  # the end of this process's first round, which includes the compiles
   for t in range(start_round, config.rounds):
     t_round = time.time()
     plan = plan_round(config, job, t)
@@ -594,8 +693,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       with _workdir_io(workdir, f"appending round {t} to metrics.jsonl", manager):
         with open(metrics_path, "a") as f:
           f.write(json.dumps(row) + "\n")
+    for callback in callbacks:
+      callback(row)
     done = t + 1 - start_round
-    eta = (time.time() - t_start) / done * (config.rounds - t - 1)
+    if t_first_done is None:  # its compile time would inflate every estimate: none yet
+      t_first_done, eta = time.time(), "-"
+    else:
+      eta = _format_eta((time.time() - t_first_done) / (done - 1) * (config.rounds - t - 1))
     shown = "".join(f"  {name} {evaluated[key]:.4f}" for name, key in (
         ("acc", "test_accuracy"), ("loss", "test_loss"), ("val acc", "validation_accuracy"))
         if key in evaluated)
@@ -605,7 +709,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.info("round %d/%d%s  train %.4f  up %.3f bpp  down %.3f bpp%s  sent %.2f MB  "
              "sparsity %.3f  %.1fs  eta %s", t + 1, config.rounds, shown, train_loss,
              row["uplink_bpp"], row["downlink_bpp"], coded, (cum_up + cum_down) / 1e6,
-             row["sparsity"], row["wall_seconds"], _format_eta(eta))
+             row["sparsity"], row["wall_seconds"], eta)
     last = t + 1 == config.rounds
     if config.checkpoint_every and ((t + 1) % config.checkpoint_every == 0 or last):
       # Across processes, host copies: every process holds the same values, process 0 writes.
@@ -622,4 +726,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     metrics_lib.plot_curves(rows, os.path.join(workdir, "curves.png"), title=config.algorithm)
   log.info("summary: %s", json.dumps(summary))
-  return summary
+  return TrainResult(summary, jax.device_get(algorithm.eval_variables(server_state)))

@@ -100,7 +100,7 @@ def run(args) -> dict:
       if os.path.exists(os.path.join(workdir, stale)):
         os.remove(os.path.join(workdir, stale))
     start = time.time()
-    summary = train_and_evaluate(config, workdir)
+    summary = train_and_evaluate(config, workdir).summary
     wall = time.time() - start
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     results[label] = {"summary": summary, "rows": rows, "wall": wall, "algorithm": name}

@@ -25,7 +25,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DIR = os.path.join(REPO, "tests", "golden")
 # Fields that measure the machine, not the algorithm.
-WALL_CLOCK_FIELDS = ("wall_seconds", "wall_time_seconds", "seconds")
+WALL_CLOCK_FIELDS = ("wall_seconds", "wall_time_seconds", "seconds", "environment")
 
 _QUICK = {"rounds": 10, "client_devices": 1, "checkpoint_every": 0, "lipschitz_every": 5}
 CASES = {

@@ -288,7 +288,7 @@ def test_baseline_runs_two_rounds_with_checked_wire(tmp_path, monkeypatch, algor
 
   monkeypatch.setattr(train_lib, "traffic", spy)
   summary = train_and_evaluate(small_config(algorithm=algorithm, rounds=2, wire_check_every=1),
-                               str(tmp_path))
+                               str(tmp_path)).summary
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert len(rows) == 2 and summary["final_accuracy"] > min_accuracy
   assert rows[1]["test_loss"] < loss_ratio * rows[0]["test_loss"]

@@ -77,7 +77,7 @@ def test_smoke_variant_runs(tmp_path, name):
   tfds = pytest.importorskip("tensorflow_datasets")
   config = _load(name).get_config("smoke")
   with tfds.testing.mock_data(num_examples=32):
-    summary = train_and_evaluate(config, str(tmp_path))
+    summary = train_and_evaluate(config, str(tmp_path)).summary
   assert summary["rounds"] == 1
   # The mock images are random: the accuracy is a whole number of the 32 test images
   # (test_subset = eval_batch_size = 32), and the loss a finite, positive mean over them.

@@ -177,7 +177,7 @@ def test_fedavg_aggregates_weighted_mean(digits):
 
 
 def test_run_writes_metrics_summary_and_bits(tmp_path):
-  summary = train_and_evaluate(small_config(), str(tmp_path))
+  summary = train_and_evaluate(small_config(), str(tmp_path)).summary
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [r["round"] for r in rows] == [0, 1]
   for key in ("test_accuracy", "test_loss", "train_loss", "uplink_bits", "downlink_bits",
@@ -194,14 +194,15 @@ def test_run_writes_metrics_summary_and_bits(tmp_path):
 
 @pytest.mark.slow
 def test_fedavg_run_is_32_bits_both_ways(tmp_path):
-  summary = train_and_evaluate(small_config(algorithm="fedavg", rounds=1), str(tmp_path))
+  summary = train_and_evaluate(small_config(algorithm="fedavg", rounds=1),
+                               str(tmp_path)).summary
   assert summary["mean_uplink_bpp"] == 32.0 and summary["mean_downlink_bpp"] == 32.0
 
 
 @pytest.mark.slow
 def test_fedbif_bpp_follows_bits_and_active_bits(tmp_path):
   summary = train_and_evaluate(small_config(rounds=1, fedbif__bits=8, fedbif__active_bits=2),
-                               str(tmp_path))
+                               str(tmp_path)).summary
   assert summary["mean_uplink_bpp"] == 2.0 and summary["mean_downlink_bpp"] == 8.0
 
 
@@ -234,7 +235,7 @@ def test_tfds_source_runs_through_the_engine(tmp_path):
   with tfds.testing.mock_data(num_examples=40):
     summary = train_and_evaluate(
         small_config(rounds=1, num_clients=2, data__source="tfds", data__name="mnist",
-                     data__min_size=1), str(tmp_path))
+                     data__min_size=1), str(tmp_path)).summary
     test_set = data_lib.load_dataset("tfds", name="mnist")
   # The mock images are random, so the accuracy is a whole number of the 40 mock test images
   # (the evaluator's 1000-slot batch holds 960 padded slots that must not count) and the loss
@@ -298,8 +299,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_previous_checkpoint_res
   assert not (workdir / "summary.json").exists()
   # Space freed: the same command resumes from round 2 and ends where a straight run ends.
   monkeypatch.undo()
-  resumed = train_and_evaluate(config, str(workdir))
-  straight = train_and_evaluate(config, str(tmp_path / "straight"))
+  resumed = train_and_evaluate(config, str(workdir)).summary
+  straight = train_and_evaluate(config, str(tmp_path / "straight")).summary
   assert resumed == straight
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["round"] for r in rows] == [0, 1, 2, 3]
@@ -343,7 +344,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
   # The kept checkpoint resumes the same run: rounds 2-3 are trained from it.
   monkeypatch.undo()
-  summary = train_and_evaluate(config, str(tmp_path))
+  summary = train_and_evaluate(config, str(tmp_path)).summary
   assert summary["rounds"] == 4
   # A run that diverges before its first checkpoint says so.
   with pytest.raises(TrainingDiverged, match="stopped before any checkpoint was written"):
@@ -417,7 +418,8 @@ def _counting_compiles():
 
 @pytest.mark.slow
 def test_sharded_backend_runs_the_engine(tmp_path):
-  summary = train_and_evaluate(small_config(parallel="sharded", num_clients=3), str(tmp_path))
+  summary = train_and_evaluate(small_config(parallel="sharded", num_clients=3),
+                               str(tmp_path)).summary
   assert summary["mean_uplink_bpp"] == 1.0 and summary["rounds"] == 2
 
 
@@ -441,7 +443,7 @@ def test_many_clients_keep_state_on_host_and_device_memory_flat(tmp_path, monkey
   device_bytes.clear()
   summary = train_and_evaluate(small_config(rounds=2, num_clients=1000, clients_per_round=10,
                                             data__min_size=1, checkpoint_every=2),
-                               str(tmp_path / "many"))
+                               str(tmp_path / "many")).summary
   many = max(device_bytes.values())
   assert summary["rounds"] == 2 and max(device_bytes) == 20  # 20 distinct clients seen
   assert many < 1.1 * few, (few, many)

@@ -320,7 +320,7 @@ def test_learned_step_trains_and_the_step_moves(tmp_path, monkeypatch):
 
   monkeypatch.setattr(train_lib, "traffic", spy)
   summary = train_lib.train_and_evaluate(small_config(rounds=6, fedbif__step="learned"),
-                                         str(tmp_path))
+                                         str(tmp_path)).summary
   assert summary["final_accuracy"] > 0.5
   downs = [jax.tree.leaves(d) for d, _, _ in seen]
   assert len(downs[0]) == 4                                   # the CNN's 4 kernels

@@ -305,7 +305,7 @@ def test_full_precision_first_last_in_a_run(tmp_path):
   for layer in ("Conv_0", "Dense_1"):
     assert downlink["other"][layer]["kernel"].dtype == jnp.float32
 
-  summary = train_and_evaluate(config, str(tmp_path))
+  summary = train_and_evaluate(config, str(tmp_path)).summary
   assert summary["mean_uplink_bpp"] == 1.0 and summary["mean_downlink_bpp"] == 4.0
   row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
   # cnn on 8x8x1 digits: kernels 288 (first), 18,432, 32,768, 1,280 (last). The two float32

@@ -195,7 +195,7 @@ def test_tuning_run_never_reads_the_test_set(tmp_path, make_config, monkeypatch)
   monkeypatch.setattr(metrics_lib, "make_evaluator", spy)
   summary = train_and_evaluate(
       make_config(rounds=5, eval_every=2, eval_test=False, data__validation=200),
-      str(tmp_path / "tune"))
+      str(tmp_path / "tune")).summary
   assert made == ["validation"]
   with open(tmp_path / "tune" / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]

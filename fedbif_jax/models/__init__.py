@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fedbif_jax import bits as bits_lib
+from fedbif_jax import registry
 from fedbif_jax.errors import check
 from fedbif_jax.models.cnn import SmallCNN, SmallCNNBN
 from fedbif_jax.models.resnet import RESNET18_STAGES, RESNET34_STAGES, ResNet
@@ -41,6 +42,21 @@ MODELS = {
     "resnet34": functools.partial(ResNet, stage_sizes=RESNET34_STAGES),
     "vgg11_lite": functools.partial(VGG, widths=VGG11_LITE_WIDTHS),
 }
+
+
+def register_model(name: str, factory, *, replace: bool = False) -> None:
+  """Adds a user model under `name`, selectable as ``config.model.name``.
+
+  Args:
+    name: the config value that picks it.
+    factory: a callable ``factory(num_classes=K)`` returning a Flax module whose
+      ``__call__(x, train, mask)`` maps float32 images [B, H, W, C] to logits [B, K] (see this
+      module's docstring); conv and dense kernels named ``kernel`` are bit-trained by FedBiF.
+    replace: allow replacing a model already registered under `name`.
+  Registration lives in this process: a Flower SuperNode or another host must run the same
+  registration (e.g. in the module that builds its config) before the model is used.
+  """
+  registry.add(MODELS, "model", name, factory, replace)
 
 
 def get_model(name: str, num_classes: int) -> nn.Module:
