@@ -74,6 +74,7 @@ import numpy as np
 
 
 from fedbif_jax.config import base_config, set_fields
+from fedbif_jax.records import read_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TUNED = os.path.join(HERE, "tuned.json")
@@ -365,19 +366,6 @@ def write_tuned(path: str, tuned: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------- runner
-def read_jsonl(path: str) -> list[dict]:
-  """The rows of a .jsonl file (a torn last line is dropped)."""
-  rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          break
-  return rows
-
-
 def run_dir(root: str, run: Run) -> str:
   return os.path.join(root, run.grid, run.name)
 

@@ -34,7 +34,8 @@ import numpy as np
 
 
 from experiments.grid import (ABLATIONS, BASELINES, BEYOND, CODEC_VARIANTS, DEFAULT_TUNED,
-                              PARTITIONS, grid_runs, read_jsonl, read_tuned, tune_candidates)
+                              PARTITIONS, grid_runs, read_tuned, tune_candidates)
+from fedbif_jax.records import read_jsonl
 
 LABELS = {"fedavg": "FedAvg", "signsgd": "SignSGD", "fedpaq": "FedPAQ", "feddq": "FedDQ",
           "dadaquant": "DAdaQuant", "fedbif": "FedBiF-1/4 (uniform Eq. 6)",

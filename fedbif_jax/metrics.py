@@ -1,11 +1,11 @@
-"""What a run measures: test accuracy and loss, sparsity of the broadcast model, curves.
+"""What a run measures: test accuracy and loss, sparsity of the broadcast model (curves:
+`fedbif_jax.plots`).
 
 * `make_evaluator` - accuracy and mean cross-entropy of the global model on the whole test set
   (BatchNorm in eval mode), batch by batch with jitted calls (no while loop), one host transfer.
 * `sparsity` - the fraction of zero integers among the broadcast model's bit-trained weights
   (Sec. 4.4: a FedBiF weight is pruned when all bits but the most significant are 0). For
   full-precision payloads it is the fraction of exact zeros.
-* `plot_curves` - ``curves.png``: accuracy against round and against cumulative MB sent.
 """
 from __future__ import annotations
 
@@ -79,32 +79,6 @@ def sparsity(payload) -> float:
   """
   total = sum(values.size for values in _weight_values(payload))
   return int(_zero_count(payload)) / max(total, 1)
-
-
-def plot_curves(rows: list[dict], path: str, title: str = "") -> None:
-  """Writes accuracy vs round and vs cumulative MB to `path` (PNG): test accuracy, or validation
-  accuracy for a run that never read the test set, over the rounds that were evaluated."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  key = "test_accuracy" if any("test_accuracy" in r for r in rows) else "validation_accuracy"
-  rows = [r for r in rows if key in r]
-  rounds = [r["round"] + 1 for r in rows]
-  acc = [r[key] for r in rows]
-  megabytes = [r["cumulative_bytes"] / 1e6 for r in rows]
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-  ax1.plot(rounds, acc)
-  ax1.set_xlabel("round")
-  ax1.set_ylabel(key.replace("_", " "))
-  ax2.plot(megabytes, acc)
-  ax2.set_xlabel("cumulative MB sent (up + down)")
-  for ax in (ax1, ax2):
-    ax.grid(alpha=0.3)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def make_lipschitz_probe(model, eval_variables: Callable, input_shape, iterations: int = 50

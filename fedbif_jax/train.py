@@ -52,6 +52,8 @@ from fedbif_jax import bits as bits_lib
 from fedbif_jax import data as data_lib
 from fedbif_jax import metrics as metrics_lib
 from fedbif_jax import parallel
+from fedbif_jax import plots
+from fedbif_jax import records
 from fedbif_jax import wire
 from fedbif_jax import xla_options
 from fedbif_jax.algorithms import get_algorithm
@@ -344,17 +346,7 @@ def rewind_jsonl(path: str, upto_round: int) -> list[dict]:
 
 def _read_metrics(path: str, upto_round: int) -> list[dict]:
   """metrics.jsonl lines for rounds < upto_round (a torn last line is dropped)."""
-  rows = []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          break
-        if row["round"] < upto_round:
-          rows.append(row)
-  return rows
+  return [row for row in records.read_jsonl(path) if row["round"] < upto_round]
 
 
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
@@ -651,7 +643,8 @@ def _train_and_evaluate(config, workdir: str, callbacks: tuple) -> TrainResult:
         evaluated[f"{split}_accuracy"], evaluated[f"{split}_loss"] = evaluate(new_server_state)
     host_metrics = jax.device_get(client_metrics)
     train_loss = float(host_metrics["loss_sum"].sum() / max(host_metrics["count"].sum(), 1.0))
-    losses = {"train": train_loss, **{k[:-5]: v for k, v in evaluated.items() if k.endswith("_loss")}}
+    losses = {"train": train_loss,
+              **{k[:-5]: v for k, v in evaluated.items() if k.endswith("_loss")}}
     if not all(math.isfinite(v) for v in losses.values()):
       manager.wait_until_finished()
       raise TrainingDiverged(
@@ -724,6 +717,7 @@ def _train_and_evaluate(config, workdir: str, callbacks: tuple) -> TrainResult:
   if writer:
     with _workdir_io(workdir, "writing summary.json", manager):
       write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-    metrics_lib.plot_curves(rows, os.path.join(workdir, "curves.png"), title=config.algorithm)
+    plots.plot_runs({config.algorithm: rows}, os.path.join(workdir, "curves.png"),
+                    title=plots.run_title(config))
   log.info("summary: %s", json.dumps(summary))
   return TrainResult(summary, jax.device_get(algorithm.eval_variables(server_state)))

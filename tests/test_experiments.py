@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 from experiments import grid as grid_lib
 from experiments import report as report_lib
+from fedbif_jax import records
 from fedbif_jax.errors import ConfigError
 
 
@@ -82,7 +83,7 @@ def test_smoke_pipeline_tunes_runs_resumes_and_reports(tmp_path):
   assert fedavg["score"] == max(v for v in fedavg["candidates"].values() if v is not None)
   # Tuning never reads the test set; the table runs use the chosen values.
   for name in grid_lib.tune_candidates("fedavg", smoke=True):
-    rows = grid_lib.read_jsonl(os.path.join(root, "tune", name, "metrics.jsonl"))
+    rows = records.read_jsonl(os.path.join(root, "tune", name, "metrics.jsonl"))
     assert rows and not any("test_accuracy" in r for r in rows)
   run = next(r for r in grid_lib.grid_runs("table1", smoke=True) if r.name == "fedbif-dir0.5-s0")
   stored = json.load(open(os.path.join(grid_lib.run_dir(root, run), "config.json")))
