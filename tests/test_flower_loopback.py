@@ -1,6 +1,8 @@
-"""A real Flower deployment on 127.0.0.1: a SuperLink and 3 SuperNodes (separate processes started
-with ``python -m fedbif_jax.deploy.flower``) train 2 rounds of the quickstart (FedBiF-1/4, one
-local epoch), and the test checks
+"""A real Flower deployment on 127.0.0.1, started the way Flower documents it: ``flower-superlink
+--insecure``, 3 ``flower-supernode --node-config "partition-id=c num-partitions=3"`` and ``flwr run
+<repository> local-deployment --stream --run-config ...`` against the Flower App that
+``pyproject.toml`` declares (a connection in the CLI's ``$FLWR_HOME/config.toml``), train 2 rounds
+of the quickstart (FedBiF-1/4, one local epoch), and the test checks
 
 (a) the payload bytes that crossed the transport against the ledger the simulator keeps
     (`wire.coded_sizes`, via `train.traffic`): the downlink message is sent once per client,
@@ -8,20 +10,27 @@ local epoch), and the test checks
     ``wire_codec=entropy`` (the second case) the messages are entropy-coded: fewer bytes, the
     same equalities, and the coded and entropy bpp of both ledgers agree;
 (b) the final global model against `train.train_and_evaluate` (``launch.py``) with the same
-    config and seed: equal bit for bit (tolerance 0). Both run the same jitted functions on the
-    same values with the sequential backend (the CPU default); only the payloads' route differs
-    (encoded, sent over HTTP, decoded), and the wire format is an exact round trip.
+    config and seed: the server states of both checkpoints are equal bit for bit (tolerance 0),
+    and so are the models `train.load_global` reads from both workdirs. Both run the same jitted
+    functions on the same values with the sequential backend (the CPU default); only the
+    payloads' route differs (encoded, sent over HTTP, decoded), and the wire format is an exact
+    round trip;
+(c) summary.json holds the simulator's summary with the same values (but the wall time), plus
+    the transport's counts;
+(d) the apps ran the code of the submitted bundle (installed under the SuperLink's
+    ``$FLWR_HOME/apps``), and from the second round on each client read its data set from its
+    SuperNode's cache instead of loading it.
 
 The simulator runs first, in its own process, with the JAX compilation cache the Flower
-processes then share (as the command line sets it up): the deployment reuses its compiled
-programs, which keeps this test near a minute on 2 busy cores (the match is exact without the
-cache too, only slower).
+processes then share: the deployment reuses its compiled programs, which keeps this test near a
+minute on 2 busy cores (the match is exact without the cache too, only slower).
 
 Every process is stopped in a ``finally`` (process groups and descendants, SIGKILL after a
 grace period), also when an assertion or a timeout fails the test.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -44,7 +53,9 @@ def _alive(pid):
     return False
 
 
-def _server_state_of_simulator(workdir):
+def _server_state(workdir):
+  """The server state of a workdir's newest checkpoint (the simulator's or a deployment's), one
+  numpy array per leaf, named by `jax.tree_util.keystr`."""
   import jax
   import orbax.checkpoint as ocp
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
@@ -53,43 +64,52 @@ def _server_state_of_simulator(workdir):
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
 
 
+def _same_tree(a, b):
+  import jax
+  return (jax.tree.structure(a) == jax.tree.structure(b)
+          and all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b))))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("codec", ["packed", "entropy"])
 def test_three_clients_over_flower_match_the_simulator_and_the_ledger(tmp_path, codec):
+  from fedbif_jax import train
   from fedbif_jax.deploy import flower
   overrides = OVERRIDES + [f"--config.wire_codec={codec}"]
-
-  cli = [sys.executable, "-m", "fedbif_jax.deploy.flower"]
-  cache = ["--jax-cache", str(tmp_path / "jax_cache")]
-  common = ["--home", str(tmp_path / "flower_home")] + cache  # SuperLink and SuperNodes
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+  cache = str(tmp_path / "jax_cache")
+  env = lambda name: flower.process_env(str(tmp_path / name), cache)  # its own FLWR_HOME
   port = flower.free_port()
+  superlink = f"127.0.0.1:{port}"
   processes, started = [], set()
   try:
-    processes.append(flower.start(cli + ["superlink", "--port", str(port)] + common, env,
-                                  str(tmp_path / "superlink.log")))
+    processes.append(flower.start(
+        ["flower-superlink", "--insecure", "--port", str(port),
+         "--disable-runtime-dependency-installation"], env("superlink"),
+        str(tmp_path / "superlink.log")))
     for c in range(3):
+      node_config = f"partition-id={c} num-partitions=3 cache-dir='{tmp_path / 'node_cache'}'"
       processes.append(flower.start(
-          cli + ["supernode", "--superlink", f"127.0.0.1:{port}", "--partition-id", str(c),
-                 "--port", str(flower.free_port())] + common, env,
-          str(tmp_path / f"supernode-{c}.log")))
+          ["flower-supernode", "--insecure", "--superlink", superlink,
+           "--port", str(flower.free_port()), "--node-config", node_config],
+          env(f"supernode-{c}"), str(tmp_path / f"supernode-{c}.log")))
 
     # The simulator (launch.py -> train_and_evaluate) while the Flower processes start.
-    sim_env = dict(env, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     sim = subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), f"--config={CONFIG}",
                           f"--workdir={tmp_path / 'sim'}", "--config.checkpoint_every=2"]
-                         + overrides, env=sim_env, cwd=REPO, capture_output=True, text=True,
-                         timeout=RUN_TIMEOUT)
+                         + overrides, env=env("sim_home"), cwd=REPO, capture_output=True,
+                         text=True, timeout=RUN_TIMEOUT)
     assert sim.returncode == 0, sim.stderr[-3000:]
     with open(tmp_path / "sim" / "summary.json") as f:
       sim_summary = json.load(f)
 
     flower.wait_for_superlink(port, timeout=60, process=processes[0])
-    runner = flower.start(cli + ["run", "--superlink", f"127.0.0.1:{port}", "--config", CONFIG,
-                                 "--workdir", str(tmp_path / "run"), "--round-timeout", "150",
-                                 "--node-timeout", "60"] + overrides + cache,
-                          env, str(tmp_path / "run.log"))
+    (tmp_path / "cli").mkdir()
+    with open(tmp_path / "cli" / "config.toml", "w") as f:  # the CLI's Flower configuration
+      f.write(f'[superlink.local-deployment]\naddress = "{superlink}"\ninsecure = true\n')
+    run_config = (f"overrides='{' '.join(o[len('--config.'):] for o in overrides)}' "
+                  f"workdir='{tmp_path / 'run'}' round-timeout=150.0 node-timeout=60.0")
+    runner = flower.start(["flwr", "run", REPO, "local-deployment", "--stream",
+                           "--run-config", run_config], env("cli"), str(tmp_path / "run.log"))
     processes.append(runner)  # in its own session too: a timeout stops `flwr run` with it
     returncode = runner.wait(timeout=RUN_TIMEOUT)
   finally:
@@ -103,7 +123,7 @@ def test_three_clients_over_flower_match_the_simulator_and_the_ledger(tmp_path, 
   log_tail = run_log[-4000:]
   assert returncode == 0, log_tail
   print("\n".join(line for line in run_log.splitlines()
-                  if " round " in line or "registered" in line))
+                  if " round " in line or "registered" in line or "fedbif_jax " in line))
 
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
@@ -130,6 +150,8 @@ def test_three_clients_over_flower_match_the_simulator_and_the_ledger(tmp_path, 
             == ledger["ledger_downlink_bytes"] == ledger["simulator_downlink_bytes"]), message
     assert (row["uplink_bytes_received"] == row["uplink_bytes_accepted"]
             == ledger["ledger_uplink_bytes"] == ledger["simulator_uplink_bytes"]), message
+    assert all(row[k] == sim[k] for k in ("cumulative_uplink_bytes", "cumulative_downlink_bytes",
+                                          "cumulative_bytes")), message
     reported = row["client_reported_bytes"]
     assert sorted(reported) == ["0", "1", "2"], message
     assert all(r["downlink_bytes"] == row["downlink_message_bytes"] for r in reported.values())
@@ -152,8 +174,7 @@ def test_three_clients_over_flower_match_the_simulator_and_the_ledger(tmp_path, 
     assert 0 < row["uplink_array_bytes"] - row["uplink_bytes_received"] <= 3 * 256, message
 
   # (b) the final global model is the simulator's, bit for bit.
-  deployed = dict(np.load(tmp_path / "run" / "final_state.npz"))
-  simulated = _server_state_of_simulator(str(tmp_path / "sim"))
+  deployed, simulated = _server_state(tmp_path / "run"), _server_state(tmp_path / "sim")
   assert sorted(deployed) == sorted(simulated)
   worst = max(float(np.max(np.abs(deployed[k].astype(np.float64) -
                                   simulated[k].astype(np.float64)))) for k in simulated)
@@ -161,3 +182,23 @@ def test_three_clients_over_flower_match_the_simulator_and_the_ledger(tmp_path, 
         f"{rows[-1]['test_accuracy']:.4f} (simulator {sim_summary['final_accuracy']:.4f})")
   assert all(np.array_equal(deployed[k], simulated[k]) for k in simulated), worst
   assert [r["test_accuracy"] for r in rows] == [r["test_accuracy"] for r in sim_rows]
+  loaded, sim_loaded = train.load_global(str(tmp_path / "run")), train.load_global(
+      str(tmp_path / "sim"))
+  assert loaded.round == sim_loaded.round == 2
+  assert _same_tree(loaded.variables, sim_loaded.variables)
+
+  # (c) the simulator's summary, the same numbers.
+  with open(tmp_path / "run" / "summary.json") as f:
+    summary = json.load(f)
+  same = {k: v for k, v in sim_summary.items() if k != "wall_seconds"}
+  assert {k: summary[k] for k in same if k in summary} == same, summary
+  assert summary["dropped_uplinks"] == 0 and summary["uplink_array_bytes"] > 0
+
+  # (d) the bundle's code ran, and the clients' data sets came from their cache after round 0.
+  code = re.findall(r"fedbif_jax \S+ from (\S+)", run_log)
+  assert len(code) == 1 and code[0].startswith(str(tmp_path / "superlink" / "apps") + os.sep), code
+  for c in range(3):
+    with open(tmp_path / f"supernode-{c}.log") as f:
+      notes = re.findall(rf"client {c} round (\d+): .*\(setup [\d.]+s: (.*)\)", f.read())
+    assert [t for t, _ in notes] == ["0", "1"], notes
+    assert notes[1][1].startswith("data set from "), notes

@@ -25,8 +25,9 @@ wrong client state shows in the model.
   compilation cache the deployments share.
 
 The rounds (done when killed, resumed at, finished) are printed to the terminal even when the
-tests pass (so CI's log shows them), and are in every assertion message. Both tests take more than 20 s (``slow``): about 60 s in one process
-and 2 minutes over processes on the busy 2-core CPU.
+tests pass (so CI's log shows them), and are in every assertion message. Both tests take more
+than 20 s (``slow``): about 15 s in one process and 2 minutes over processes on the busy 2-core
+CPU.
 """
 import glob
 import json
@@ -42,7 +43,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from test_flower_loopback import REPO, _alive, _server_state_of_simulator  # noqa: E402
+from test_flower_loopback import REPO, _alive, _server_state  # noqa: E402
 
 CONFIG = "configs/quickstart.py"
 # 3 clients, 2 a round (seed 0: {0, 1}, {1, 2}, {0, 2}). The fixed selector trains the same bit
@@ -67,11 +68,11 @@ class _Grid:
   """An in-process Flower Grid: every message goes to `flower.client_app` with its node's own
   Context (a SuperNode); with `kill_round`, the server dies once the clients trained that round."""
 
-  def __init__(self, run_config, state_dir=None, kill_round=None):
+  def __init__(self, run_config, cache_dir, state_dir=None, kill_round=None):
     from flwr.app import Context, RecordDict
     self.contexts = {}
     for c in range(3):
-      node_config = {"partition-id": c}
+      node_config = {"partition-id": c, "num-partitions": 3, "cache-dir": cache_dir}
       if state_dir:
         node_config["state-dir"] = os.path.join(state_dir, f"supernode-{c}")
       self.contexts[100 + c] = Context(run_id=1, node_id=100 + c, node_config=node_config,
@@ -95,10 +96,6 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
-def _final_state(workdir):
-  return dict(np.load(os.path.join(workdir, "final_state.npz")))
-
-
 def _same_model(a, b):
   return sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -107,17 +104,17 @@ def _same_model(a, b):
 def test_a_resumed_server_in_process_equals_an_uninterrupted_one(tmp_path, serverapp, capsys):
   from fedbif_jax.deploy import flower
   from fedbif_jax.errors import ConfigError
-  config = flower.load_config(CONFIG, OVERRIDES)
-  run_config = {flower.CONFIG_KEY: CONFIG, flower.OVERRIDES_KEY: json.dumps(OVERRIDES),
-                flower.WORKDIR_KEY: ""}
+  run_config = flower.launcher_run_config(CONFIG, OVERRIDES, "", 60, 10)
+  config = flower.config_of(run_config)
   run = lambda grid, workdir, c=config: flower.run_server(grid, c, str(workdir), round_timeout=60,
                                                           node_timeout=10)
-  run(_Grid(run_config, str(tmp_path / "states_ref")), tmp_path / "uninterrupted")
-  reference = _final_state(tmp_path / "uninterrupted")
+  grid = lambda *args, **kwargs: _Grid(run_config, str(tmp_path / "cache"), *args, **kwargs)
+  run(grid(str(tmp_path / "states_ref")), tmp_path / "uninterrupted")
+  reference = _server_state(tmp_path / "uninterrupted")
 
   workdir, states = tmp_path / "killed", str(tmp_path / "states")
   with pytest.raises(_Killed):
-    run(_Grid(run_config, states, kill_round=1), workdir)
+    run(grid(states, kill_round=1), workdir)
   killed_after = len(_rows(workdir))
   # As if killed between the row of round 1 and its checkpoint, in the middle of a write.
   with open(workdir / "metrics.jsonl", "a") as f:
@@ -128,10 +125,10 @@ def test_a_resumed_server_in_process_equals_an_uninterrupted_one(tmp_path, serve
   # A changed config is refused, with the simulator's one-line error; nothing is touched.
   changed = flower.load_config(CONFIG, OVERRIDES + ["--config.lr=0.3"])
   with pytest.raises(ConfigError, match=r"another config \(changed: lr\)"):
-    run(_Grid(run_config, states), workdir, changed)
+    run(grid(states), workdir, changed)
 
   del serverapp[:]
-  summary = run(_Grid(run_config, states), workdir)  # new SuperNodes, same state dirs
+  summary = run(grid(states), workdir)  # new SuperNodes, same state dirs
   resumed = [m for m in serverapp if m.startswith("resumed from")]
   rows = _rows(workdir)
   where = (f"killed with {killed_after} of {ROUNDS} rounds in metrics.jsonl (+1 row past the "
@@ -145,18 +142,18 @@ def test_a_resumed_server_in_process_equals_an_uninterrupted_one(tmp_path, serve
   assert [r["selected"] for r in rows] == [[0, 1], [1, 2], [0, 2]], where
   assert all(r["state_lost"] == [] and not r["dropped"] for r in rows), where
   assert summary["rounds"] == ROUNDS, where
-  assert _same_model(_final_state(workdir), reference), where
+  assert _same_model(_server_state(workdir), reference), where
   assert rows == [dict(r, wall_seconds=s["wall_seconds"]) for r, s in
                   zip(_rows(tmp_path / "uninterrupted"), rows)], where
 
   # SuperNodes that lost their state (no state-dir: Flower's Context.state, one run only): the
   # run finishes and says so; client 1 (round 1) and client 0 (round 2) started afresh.
   del serverapp[:]
-  run(_Grid(run_config), lost_copy)
+  run(grid(), lost_copy)
   lost = [r["state_lost"] for r in _rows(lost_copy)]
   assert lost == [[], [1], [0]], lost
   assert any("client 1 had lost its state" in m for m in serverapp), serverapp
-  assert not _same_model(_final_state(lost_copy), reference)
+  assert not _same_model(_server_state(lost_copy), reference)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -195,7 +192,7 @@ def test_sigkill_of_the_whole_deployment_then_the_same_command_resumes(tmp_path,
   from fedbif_jax.deploy import flower
   overrides = COMMON + [f"--config.rounds={DEPLOYED_ROUNDS}"]
   cache = str(tmp_path / "jax_cache")
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+  env = dict(os.environ)  # no PYTHONPATH: the apps run from the bundle `flwr run` submits
   sim_env = dict(env, JAX_COMPILATION_CACHE_DIR=cache,
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   sim = subprocess.run([sys.executable, os.path.join(REPO, "launch.py"), f"--config={CONFIG}",
@@ -207,7 +204,7 @@ def test_sigkill_of_the_whole_deployment_then_the_same_command_resumes(tmp_path,
   workdir = tmp_path / "run"
   command = [sys.executable, "-m", "fedbif_jax.deploy.flower", "local", "--config", CONFIG,
              "--workdir", str(workdir), "--round-timeout", "150", "--node-timeout", "60",
-             "--jax-cache", cache] + overrides
+             "--jax-cache", cache, "--cache-dir", str(tmp_path / "node_cache")] + overrides
   processes, started = [], []
   try:
     processes.append(flower.start(command, env, str(tmp_path / "first.log")))
@@ -257,8 +254,8 @@ def test_sigkill_of_the_whole_deployment_then_the_same_command_resumes(tmp_path,
   assert 1 <= resumed_at < DEPLOYED_ROUNDS, where
   assert [r["round"] for r in rows] == list(range(DEPLOYED_ROUNDS)), where
   assert all(r["state_lost"] == [] and not r["dropped"] for r in rows), where
-  simulated = _server_state_of_simulator(str(tmp_path / "sim"))
-  deployed = _final_state(workdir)
+  simulated = _server_state(str(tmp_path / "sim"))
+  deployed = _server_state(workdir)
   assert _same_model(deployed, simulated), where
   with open(tmp_path / "sim" / "metrics.jsonl") as f:
     sim_rows = [json.loads(line) for line in f]

@@ -8,8 +8,12 @@ Modules:
 * `roles` - the server's and a client's part of a round, built from the simulator's own pieces
   (`train.build_job`, `train.plan_round`, `algorithm.broadcast` / `aggregate`, the local training
   of `client.py`), so that a deployment computes the simulator's rounds (no flwr import);
-* `flower` - the Flower ServerApp / ClientApp that carry those bytes, and the command line that
-  starts a SuperLink, SuperNodes and a run on one machine (needs ``requirements-flower.txt``).
+* `cache` - a SuperNode's on-disk cache of what a client builds from the config alone (its data
+  set, JAX's compiled programs), since Flower starts a ClientApp process per message (no flwr
+  import);
+* `flower` - the Flower ServerApp / ClientApp that carry those bytes (the Flower App that
+  ``pyproject.toml`` declares: ``flwr run .``), and the command line that starts a SuperLink,
+  SuperNodes and a run on one machine (needs ``requirements-flower.txt``).
 
 Nothing in the core library or the quickstart imports this package.
 """

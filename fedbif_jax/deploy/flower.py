@@ -1,26 +1,57 @@
-"""Flower (flwr 1.42) glue: the ServerApp and ClientApp that carry our wire-encoded payloads, and a
-command line that starts a SuperLink, SuperNodes and a run on one machine.
+"""Flower (flwr 1.42) glue: the ServerApp and ClientApp of the Flower App that ``pyproject.toml``
+declares, which carry our wire-encoded payloads, and a command line that starts a SuperLink,
+SuperNodes and a run on one machine.
 
 Needs the optional extra: ``pip install -r requirements-flower.txt``.
 
-Topology (Flower's Deployment Runtime, everything over HTTP on 127.0.0.1 here): one SuperLink
-(the server; it starts our `server_app` in a ``flwr-serverapp`` process for a run), one SuperNode
-per client (it starts our `client_app` in a fresh ``flwr-clientapp`` process for every message),
-and ``flwr run``, which submits a Flower App Bundle built from a two-line module that imports
-`server_app` and `client_app` from here.
+The Flower App. The repository is the app: ``[tool.flwr.app]`` in ``pyproject.toml`` names
+`server_app` and `client_app` (components), the run config (``[tool.flwr.app.config]``, below)
+and what the Flower App Bundle carries (``fab-include``: the ``fedbif_jax`` package, ``configs/``
+and what ``configs/cifar10_study.py`` reads). ``flwr run . <connection>`` builds the bundle from
+the checkout and submits it; the SuperLink and every SuperNode install it under their
+``$FLWR_HOME/apps`` and import the components from there (Flower puts the bundle first on
+``sys.path``), so every process runs the code that was submitted, and a node needs no checkout,
+only the dependencies (``requirements-flower.txt``; start the SuperLink with
+``--disable-runtime-dependency-installation``, else it ``uv sync``s them for every run). Flower
+1.42 keeps SuperLink connections in ``$FLWR_HOME/config.toml`` (``[superlink.<name>]``), not in
+the app: a ``[tool.flwr.federations]`` table would be moved there by ``flwr run``, which comments
+it out of ``pyproject.toml``.
+
+Run config (``flwr run --run-config "key=value ..."`` or a .toml file; `config_of`):
+
+* ``config``: the config file, ``file`` or ``file:arg`` as for ``launch.py --config``, relative
+  to the working directory or to the app (the bundle on each node), or absolute;
+* ``overrides``: space-separated ``field=value`` pairs (shell quoting), each exactly
+  ``launch.py``'s ``--config.field=value`` (the ``--config.`` prefix may be written too);
+* ``num-server-rounds``, ``local-epochs``: ``config.rounds`` and ``config.local_epochs`` when > 0
+  (0: the config file's); setting one in ``overrides`` too is an error;
+* ``workdir``: the server's output folder, on the SuperLink's machine (``~`` expanded);
+* ``round-timeout``, ``node-timeout``: seconds the server waits for a round's replies and for
+  every client's SuperNode to register.
+
+Topology (Flower's Deployment Runtime, HTTP): one SuperLink (the server; it starts our
+`server_app` in a ``flwr-serverapp`` process for a run) and one SuperNode per client, started as
+``flower-supernode --node-config "partition-id=N num-partitions=M"`` (Flower's keys: the client
+id whose shard it trains, and ``config.num_clients``, checked when given). A SuperNode starts our
+`client_app` in a fresh ``flwr-clientapp`` process for every message, so the ClientApp keeps
+what depends on the config alone on disk (``cache-dir`` in the node config, default
+``~/.cache/fedbif_jax/flower``, ``''`` for none): the data set and JAX's compiled programs
+(`cache`).
 
 A run (`run_server`):
 
 1. registration: a ``query`` message to every connected SuperNode; each answers with its
-   ``partition-id`` (``--node-config partition-id=N``), the client id whose shard it trains;
+   ``partition-id`` and ``num-partitions``. The server plans each round by client id and must
+   send client c's message to the node that holds shard c, and Flower 1.42 gives a ServerApp
+   node ids only (a node's config stays on its SuperNode), so it asks once;
 2. round t, for the selected clients (`roles.Server.open_round`): a ``train`` message with the
    downlink as one uint8 `Array` of `wire.encode` bytes (``downlink/payload``; bit-packed, or
-   entropy-coded with ``--config.wire_codec=entropy``, the uplinks too), the round, the
-   client id and the run key (``round`` ConfigRecord). The client (`roles.Client.train`) decodes
-   it, trains, and replies with its uplink as one uint8 `Array` (``uplink/payload``) and its
-   ``loss_sum`` / ``count`` (``metrics`` MetricRecord); it keeps its persistent state (FedBiF's
-   virtual bits, SignSGD's copy of the kernels; the other algorithms have none) for its next
-   round, wire-encoded (see Resume);
+   entropy-coded with ``wire_codec=entropy``, the uplinks too), the round, the client id and the
+   run key (``round`` ConfigRecord). The client (`roles.Client.train`) decodes it, trains, and
+   replies with its uplink as one uint8 `Array` (``uplink/payload``) and its ``loss_sum`` /
+   ``count`` (``metrics`` MetricRecord); it keeps its persistent state (FedBiF's virtual bits,
+   SignSGD's copy of the kernels; the other algorithms have none) for its next round,
+   wire-encoded (see Resume);
 3. `roles.Server.close_round` validates every uplink (`payload.validate`); a missing, failed or
    malformed reply is dropped with a logged one-line reason and the round goes on with the
    others. The server never crashes on a client's bytes. Then it appends the round's row to
@@ -28,31 +59,32 @@ A run (`run_server`):
 
 Resume. The server checkpoints its state after every round (``config.checkpoint_every`` is not
 used) as the simulator does: orbax, ``<workdir>/checkpoints``, step N = N rounds done, written to a
-temporary folder and renamed (`train.checkpoint_manager`; `roles.Server.save`). A server started
-on a workdir with checkpoints continues after the newest one, as ``launch.py`` does: it logs
-``resumed from <workdir>/checkpoints at round N``, drops the rows of later rounds from
-``metrics.jsonl`` (a torn last line too; `train.rewind_jsonl`) and does those rounds again. A
-different config (apart from `train.RESUMABLE_CHANGES`, e.g. more ``rounds``) is refused with the
-simulator's one-line error (`train.check_resumable`). Round t's clients, batches and keys derive
-from the config and t alone (`train.plan_round`), so with every client's state intact the resumed
-run equals an uninterrupted one bit for bit (``tests/test_flower_resume.py``).
+temporary folder and renamed (`train.checkpoint_manager`; `roles.Server.save`; the checkpoint
+holds ``server``, the simulator's server state, and the run key), so `train.load_global` reads a
+deployment's workdir too. A server started on a workdir with checkpoints continues after the
+newest one, as ``launch.py`` does: it logs ``resumed from <workdir>/checkpoints at round N``,
+drops the rows of later rounds from ``metrics.jsonl`` (a torn last line too;
+`train.rewind_jsonl`) and does those rounds again. A different config (apart from
+`train.RESUMABLE_CHANGES`, e.g. more ``rounds``) is refused with the simulator's one-line error
+(`train.check_resumable`). Round t's clients, batches and keys derive from the config and t alone
+(`train.plan_round`), so with every client's state intact the resumed run equals an
+uninterrupted one bit for bit (``tests/test_flower_resume.py``).
 
 Client state. Flower gives every run a fresh `Context.state`, and a restarted server is a new
 run, so the state must outlive it elsewhere: a SuperNode with a ``state-dir`` in its node config
 (what ``supernode`` and ``local`` start) keeps its client's state in files there
 (`roles.StateFiles`: ``<state-dir>/<run key>/client-<id>/round-<t>.state``, the two newest
 rounds, under a random key the server keeps in its checkpoint), on its own machine. It then
-survives a restart of the server, of the SuperNode (same ``--state-dir``), or of both: a client
+survives a restart of the server, of the SuperNode (same ``state-dir``), or of both: a client
 asked for round t starts from its state after the last round before t that selected it
 (`roles.Client.previous_round`), also when it had already trained round t before the server
-died. A SuperNode without a
-``state-dir`` keeps the state in `Context.state`, which lasts for one run only. A client whose
-state is missing (no ``state-dir``, another ``state-dir``, files deleted) or unreadable starts
-from the newest state it has from before round t, or else from its initial state, and logs why;
-the server logs it too and lists it in the row's ``state_lost``: the run goes on but no longer
-equals an uninterrupted one. For FedBiF that means virtual bits of the initial
-magnitudes whose signs are re-inherited from the received integers (as on a client's first
-round), so the magnitudes it had learned are lost; a SignSGD client trains from the initial
+died. A SuperNode without a ``state-dir`` keeps the state in `Context.state`, which lasts for one
+run only. A client whose state is missing (no ``state-dir``, another ``state-dir``, files
+deleted) or unreadable starts from the newest state it has from before round t, or else from its
+initial state, and logs why; the server logs it too and lists it in the row's ``state_lost``: the
+run goes on but no longer equals an uninterrupted one. For FedBiF that means virtual bits of the
+initial magnitudes whose signs are re-inherited from the received integers (as on a client's
+first round), so the magnitudes it had learned are lost; a SignSGD client trains from the initial
 kernels plus the latest vote instead of the model, for the rest of the run, so restart SignSGD's
 SuperNodes only with their state folder. FedAvg, FedPAQ, FedDQ and DAdaQuant clients have no
 state. Nothing deletes the state files of a finished run (FedBiF: two copies of m float32 virtual
@@ -60,18 +92,17 @@ bits per weight and client); remove the state folders when a run is done.
 
 Bytes: the rows of ``<workdir>/metrics.jsonl`` count the payload bytes that crossed the
 transport (``downlink_bytes_sent``: the downlink message length x the clients it went to;
-``uplink_bytes_received`` / ``uplink_bytes_accepted``) next to the ledger the simulator keeps
-(``uplink_bits`` / ``downlink_bits`` from `wire.coded_sizes`, bpp); each client also reports the
-lengths it received and sent. Flower's own framing (the ``.npy`` header of an `Array`, protobuf,
-HTTP) is not counted in the ledger; ``*_array_bytes`` give the `Array` sizes with their header.
+``uplink_bytes_received`` / ``uplink_bytes_accepted``; their running sums are the rows'
+``cumulative_*_bytes``, the summary's ``total_*_bytes``) next to the ledger the simulator keeps
+(``uplink_bits`` / ``downlink_bits`` from `wire.coded_sizes` over the accepted clients, bpp);
+each client also reports the lengths it received and sent. Flower's own framing (the ``.npy``
+header of an `Array`, protobuf, HTTP) is not counted in the ledger; ``*_array_bytes`` give the
+`Array` sizes with their header.
 
-The server writes ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``summary.json`` and
-``final_state.npz`` (the server state, one entry per leaf, named by `jax.tree_util.keystr`) to
-the run's workdir. Running the same ``local`` (or ``run``) command with the same ``--workdir``
-again resumes it; ``local`` keeps the SuperNodes' state folders under ``<workdir>/flower_home``.
-
-Every Flower message starts a fresh process, so the command line points JAX's persistent
-compilation cache (``--jax-cache``) at one directory: only the first round compiles.
+The server writes ``config.json``, ``metrics.jsonl``, ``checkpoints/`` and ``summary.json``
+(the simulator's summary, `train._summary`, plus the transport's counts) to the run's workdir.
+Running the same ``local`` (or ``run``) command with the same ``--workdir`` again resumes it;
+``local`` keeps the SuperNodes' state folders under ``<workdir>/flower_home``.
 """
 from __future__ import annotations
 
@@ -81,6 +112,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -88,7 +120,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
@@ -98,18 +130,23 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedbif_jax.deploy.payload import PayloadError
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The Flower App's folder: the repository (pyproject.toml), or the installed bundle on a node.
+APP_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 log = logging.getLogger("fedbif_jax")
 
-# Run config keys (the Flower App's [tool.flwr.app.config], written by `write_app`).
-CONFIG_KEY, OVERRIDES_KEY, WORKDIR_KEY = "fedbif-config", "fedbif-overrides", "workdir"
+# Run config keys ([tool.flwr.app.config] in pyproject.toml; see the module docstring).
+CONFIG_KEY, OVERRIDES_KEY, WORKDIR_KEY = "config", "overrides", "workdir"
+ROUNDS_KEY, EPOCHS_KEY = "num-server-rounds", "local-epochs"
 ROUND_TIMEOUT_KEY, NODE_TIMEOUT_KEY = "round-timeout", "node-timeout"
-PARTITION_KEY = "partition-id"          # node config of a SuperNode: the client id it trains
-STATE_DIR_KEY = "state-dir"             # node config of a SuperNode: where it keeps client states
+NAMED_FIELDS = {ROUNDS_KEY: "rounds", EPOCHS_KEY: "local_epochs"}  # run config key -> config field
+# Node config keys of a SuperNode (flower-supernode --node-config).
+PARTITION_KEY = "partition-id"          # the client id it trains (Flower's key)
+NUM_PARTITIONS_KEY = "num-partitions"   # config.num_clients, checked when given (Flower's key)
+STATE_DIR_KEY = "state-dir"             # where it keeps client states (default: Context.state)
+CACHE_DIR_KEY = "cache-dir"             # its data and compilation cache ('': none)
 STATE_KEY = "fedbif-client-state"       # Context.state record: the wire-encoded client state
 STATE_ROUND_KEY = "fedbif-client-state-round"  # Context.state record: the round it is from
-APP_MODULE = "fedbif_flower_app"
-CONNECTION = "fedbif"                   # the SuperLink connection name `run` writes
+CONNECTION = "local-deployment"         # the SuperLink connection `run` and `local` write
 
 
 # ----------------------------------------------------------------------------- configs
@@ -117,8 +154,8 @@ CONNECTION = "fedbif"                   # the SuperLink connection name `run` wr
 
 def load_config(path: str, overrides: Sequence[str] = ()):
   """The locked config of a config file (``configs/x.py`` or ``configs/x.py:arg``, relative to
-  the working directory or the repository) with ``--config.a.b=v`` overrides, exactly as
-  ``launch.py`` reads them. Raises ConfigError (one line) on a bad file, field or value."""
+  the working directory or the app) with ``--config.a.b=v`` overrides, exactly as ``launch.py``
+  reads them. Raises ConfigError (one line) on a bad file, field or value."""
   from absl import flags
   from ml_collections import config_flags
 
@@ -143,29 +180,79 @@ def load_config(path: str, overrides: Sequence[str] = ()):
 
 
 def portable_config_path(path: str) -> str:
-  """`path` relative to the repository when it lies inside it (every machine that runs an app
-  has the repository, maybe elsewhere), else absolute."""
+  """`path` as a run config's ``config``: relative to the app when it lies in the app's
+  ``configs/`` (which the bundle carries to every node), else absolute."""
   resolved = resolve_config_path(path)
   file, sep, arg = resolved.partition(":")
-  relative = os.path.relpath(file, REPO)
-  return (relative if not relative.startswith(os.pardir) else file) + sep + arg
+  relative = os.path.relpath(file, APP_DIR)
+  inside = relative.split(os.sep)[0] == "configs"
+  return (relative if inside else file) + sep + arg
 
 
 def resolve_config_path(path: str) -> str:
   """An absolute config path (``file`` or ``file:arg``): relative to the working directory if the
-  file is there, else to the repository."""
+  file is there, else to the app."""
   file, sep, arg = path.partition(":")
+  file = os.path.expanduser(file)
   if not os.path.isabs(file) and not os.path.exists(file):
-    file = os.path.join(REPO, file)
+    file = os.path.join(APP_DIR, file)
   return os.path.abspath(file) + sep + arg
 
 
-def _config_from(run_config) -> Any:
-  """The config a run carries (its path relative to this machine's repository, or absolute)."""
-  path = str(run_config[CONFIG_KEY])
-  if not os.path.isabs(path):
-    path = os.path.join(REPO, path)
-  return load_config(path, json.loads(str(run_config[OVERRIDES_KEY])))
+def overrides_of(run_config: Mapping[str, Any]) -> list[str]:
+  """The ``--config.field=value`` flags a run config asks for: its ``overrides``, then
+  ``num-server-rounds`` and ``local-epochs`` when > 0. Raises ConfigError naming the run config
+  key on a malformed value."""
+  from fedbif_jax.errors import ConfigError
+  try:
+    items = shlex.split(str(run_config.get(OVERRIDES_KEY, "")))
+  except ValueError as e:
+    raise ConfigError(f"{OVERRIDES_KEY}: {e}") from None
+  flags = []
+  for item in items:
+    field, sep, value = item.removeprefix("--config.").partition("=")
+    if not sep or not field:
+      raise ConfigError(f"{OVERRIDES_KEY}: must be space-separated field=value pairs, "
+                        f"got {item!r}")
+    flags.append(f"--config.{field}={value}")
+  for key, field in NAMED_FIELDS.items():
+    value = run_config.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ConfigError(f"{key}: must be an integer >= 0 (0: the config file's {field}), "
+                        f"got {value!r}")
+    if value:
+      if any(f.startswith(f"--config.{field}=") for f in flags):
+        raise ConfigError(f"{key}: {field} is set in {OVERRIDES_KEY} too; set it in one place")
+      flags.append(f"--config.{field}={value}")
+  return flags
+
+
+def config_of(run_config: Mapping[str, Any]):
+  """The config a run config describes (see the module docstring); ConfigError (one line) on a
+  bad file, field or value."""
+  from fedbif_jax.errors import ConfigError
+  path = str(run_config.get(CONFIG_KEY, ""))
+  if not path:
+    raise ConfigError(f"{CONFIG_KEY}: must name a config file, e.g. configs/quickstart.py")
+  return load_config(path, overrides_of(run_config))
+
+
+def workdir_of(run_config: Mapping[str, Any]) -> str:
+  """The run config's ``workdir``, absolute; ConfigError when it is empty."""
+  from fedbif_jax.errors import ConfigError
+  workdir = str(run_config.get(WORKDIR_KEY, ""))
+  if not workdir:
+    raise ConfigError(f"{WORKDIR_KEY}: must be the server's output folder, got ''")
+  return os.path.abspath(os.path.expanduser(workdir))
+
+
+def seconds_of(run_config: Mapping[str, Any], key: str) -> float:
+  """A positive number of seconds from the run config; ConfigError naming `key` otherwise."""
+  from fedbif_jax.errors import ConfigError
+  value = run_config.get(key)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    raise ConfigError(f"{key}: must be a number of seconds > 0, got {value!r}")
+  return float(value)
 
 
 def _log_to_stdout() -> None:
@@ -260,16 +347,27 @@ server_app = ServerApp()
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
   _log_to_stdout()
+  import fedbif_jax
+  from fedbif_jax.deploy import cache
+  from fedbif_jax.errors import ConfigError
   run_config = context.run_config
-  run_server(grid, _config_from(run_config), str(run_config[WORKDIR_KEY]),
-             round_timeout=float(run_config[ROUND_TIMEOUT_KEY]),
-             node_timeout=float(run_config[NODE_TIMEOUT_KEY]))
+  log.info("fedbif_jax %s from %s", fedbif_jax.__version__, os.path.dirname(fedbif_jax.__file__))
+  try:
+    config, workdir = config_of(run_config), workdir_of(run_config)
+    timeouts = {"round_timeout": seconds_of(run_config, ROUND_TIMEOUT_KEY),
+                "node_timeout": seconds_of(run_config, NODE_TIMEOUT_KEY)}
+  except ConfigError as e:
+    log.error("error: %s", e)
+    raise
+  cache.use_compilation_cache(cache.DEFAULT_DIR)
+  run_server(grid, config, workdir, **timeouts)
 
 
 def register_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
-  """{client id: node id}: asks every connected SuperNode for its ``partition-id`` until all of
-  0..num_clients-1 are held (a node without one, or a duplicate, is ignored with a warning).
-  Raises RuntimeError naming the missing clients after `timeout` seconds."""
+  """{client id: node id}: asks every connected SuperNode for its ``partition-id`` (and
+  ``num-partitions``) until all of 0..num_clients-1 are held; a node without one, with another
+  ``num-partitions``, or a duplicate, is ignored with a warning. Raises RuntimeError naming the
+  missing clients after `timeout` seconds."""
   nodes: dict[int, int] = {}
   asked: set[int] = set()
   deadline = time.time() + timeout
@@ -284,55 +382,42 @@ def register_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, in
     for reply in grid.send_and_receive(queries, timeout=max(1.0, deadline - time.time())):
       node = reply.metadata.src_node_id
       try:
-        client = int(reply.content["node"][PARTITION_KEY])
+        info = reply.content["node"]
+        client, total = int(info[PARTITION_KEY]), int(info.get(NUM_PARTITIONS_KEY, num_clients))
       except Exception:  # noqa: BLE001 - an error reply, or no partition-id
         log.warning("node %d: no usable %s; ignored", node, PARTITION_KEY)
         continue
-      if not 0 <= client < num_clients or client in nodes:
+      if total != num_clients:
+        log.warning("node %d: %s=%d, the config has num_clients=%d; ignored", node,
+                    NUM_PARTITIONS_KEY, total, num_clients)
+      elif not 0 <= client < num_clients or client in nodes:
         log.warning("node %d: %s=%d is out of range or taken; ignored", node, PARTITION_KEY, client)
-        continue
-      nodes[client] = node
+      else:
+        nodes[client] = node
   missing = sorted(set(range(num_clients)) - set(nodes))
   if missing:
     raise RuntimeError(f"no SuperNode with {PARTITION_KEY} in {missing} connected within "
-                       f"{timeout:.0f}s (start one per client: --partition-id N)")
+                       f"{timeout:.0f}s (start one per client: --node-config "
+                       f"\"{PARTITION_KEY}=N {NUM_PARTITIONS_KEY}={num_clients}\")")
   log.info("registered %d clients: %s", len(nodes),
            ", ".join(f"{c}->node {n}" for c, n in sorted(nodes.items())))
   return nodes
 
 
-def save_state(path: str, state: Any) -> None:
-  """The server state as an .npz, one entry per leaf named by `jax.tree_util.keystr` (written to
-  a temporary file and renamed)."""
-  import jax
-  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
-  os.replace(tmp, path)
-
-
 def _summary(rows: list[dict], config) -> dict:
+  """The simulator's summary of the rows (`train._summary`: accuracy, loss, bpp, total bytes,
+  wall time, environment) and what only a deployment measures."""
   from fedbif_jax import train as train_lib
-  with_uplinks = [r for r in rows if r.get("accepted")]
-  mean = lambda key: (float(np.mean([r[key] for r in with_uplinks])) if with_uplinks
-                      else float("nan"))
-  return {
-      "algorithm": config.algorithm,
-      "rounds": len(rows),
-      "final_accuracy": rows[-1]["test_accuracy"],
-      "best_accuracy": max(r["test_accuracy"] for r in rows),
-      "mean_uplink_bpp": mean("uplink_bpp"),
-      "mean_downlink_bpp": mean("downlink_bpp"),
-      **train_lib.mean_coded_bpp(with_uplinks),
-      "downlink_bytes_sent": sum(r["downlink_bytes_sent"] for r in rows),
-      "uplink_bytes_received": sum(r["uplink_bytes_received"] for r in rows),
+  summary = train_lib._summary(rows, config)  # pylint: disable=protected-access
+  summary.update({
       "uplink_bytes_accepted": sum(r["uplink_bytes_accepted"] for r in rows),
-      "ledger_downlink_bytes": sum(r.get("downlink_bits", 0) // 8 for r in rows),
-      "ledger_uplink_bytes": sum(r.get("uplink_bits", 0) // 8 for r in rows),
+      "ledger_downlink_bytes": sum(r["downlink_bits"] // 8 for r in rows),
+      "ledger_uplink_bytes": sum(r["uplink_bits"] // 8 for r in rows),
       "downlink_array_bytes": sum(r["downlink_array_bytes"] for r in rows),
       "uplink_array_bytes": sum(r["uplink_array_bytes"] for r in rows),
       "dropped_uplinks": sum(len(r["dropped"]) for r in rows),
-  }
+  })
+  return summary
 
 
 def run_server(grid: Grid, config, workdir: str, round_timeout: float = 600.0,
@@ -340,22 +425,24 @@ def run_server(grid: Grid, config, workdir: str, round_timeout: float = 600.0,
   """All rounds of `config` over `grid` (see the module docstring); returns the summary.
 
   Writes config.json, metrics.jsonl (one row per round), an orbax checkpoint after every round
-  (``checkpoints/``), summary.json and final_state.npz to `workdir`. A workdir that holds
-  checkpoints of the same config is resumed after its newest one, like the simulator's: the rows
-  of later rounds are dropped from metrics.jsonl and those rounds are done again.
+  (``checkpoints/``) and summary.json to `workdir`. A workdir that holds checkpoints of the same
+  config is resumed after its newest one, like the simulator's: the rows of later rounds are
+  dropped from metrics.jsonl and those rounds are done again.
 
   Raises:
-    ConfigError: `workdir` holds a run made with another config (`train.check_resumable`).
+    ConfigError: `workdir` is not writable or holds a run made with another config
+      (`train.check_resumable`).
     RuntimeError: the clients do not all register.
     train.TrainingDiverged: a non-finite loss. A client's bytes never raise.
   """
   from fedbif_jax import train as train_lib
   from fedbif_jax.deploy import roles
   from fedbif_jax.errors import ConfigError
-  os.makedirs(workdir, exist_ok=True)
   try:
+    os.makedirs(workdir, exist_ok=True)
+    train_lib.check_writable(workdir)
     train_lib.check_resumable(workdir, config)
-  except ConfigError as e:
+  except (ConfigError, OSError) as e:
     log.error("error: %s", e)
     raise
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -391,21 +478,26 @@ def run_server(grid: Grid, config, workdir: str, round_timeout: float = 600.0,
     for c in rnd.plan.ids:
       replies.setdefault(int(c), f"no reply within {round_timeout:.0f}s")
     row = server.close_round(rnd, replies)
+    # Running totals of the bytes that crossed the transport (the simulator's: of its ledger,
+    # which they equal when every client is accepted).
+    up = sum(r["uplink_bytes_received"] for r in rows + [row])
+    down = sum(r["downlink_bytes_sent"] for r in rows + [row])
     row.update({"downlink_array_bytes": len(downlink["payload"].data) * len(messages),
-                "uplink_array_bytes": array_bytes, "client_reported_bytes": client_counts})
+                "uplink_array_bytes": array_bytes, "client_reported_bytes": client_counts,
+                "cumulative_uplink_bytes": up, "cumulative_downlink_bytes": down,
+                "cumulative_bytes": up + down})
     rows.append(row)
     with open(metrics_path, "a") as f:
       f.write(json.dumps(row) + "\n")
     server.save(manager, t + 1)  # a kill before this point redoes round t on resume
     log.info("round %d/%d  acc %.4f  loss %.4f  up %.3f bpp  down %.3f bpp  accepted %d/%d  "
              "sent down %d B (%d x %d)  received up %d B (accepted %d, ledger %d)  %.1fs",
-             t + 1, config.rounds, row["test_accuracy"], row["test_loss"],
-             row.get("uplink_bpp", float("nan")), row.get("downlink_bpp", float("nan")),
-             len(row["accepted"]), len(rnd.plan.ids), row["downlink_bytes_sent"], len(messages),
-             row["downlink_message_bytes"], row["uplink_bytes_received"],
-             row["uplink_bytes_accepted"], row.get("uplink_bits", 0) // 8, row["wall_seconds"])
+             t + 1, config.rounds, row["test_accuracy"], row["test_loss"], row["uplink_bpp"],
+             row["downlink_bpp"], len(row["accepted"]), len(rnd.plan.ids),
+             row["downlink_bytes_sent"], len(messages), row["downlink_message_bytes"],
+             row["uplink_bytes_received"], row["uplink_bytes_accepted"],
+             row["uplink_bits"] // 8, row["wall_seconds"])
   summary = _summary(rows, config)
-  save_state(os.path.join(workdir, "final_state.npz"), server.state)
   train_lib.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   log.info("summary: %s", json.dumps(summary))
   return summary
@@ -415,22 +507,33 @@ def run_server(grid: Grid, config, workdir: str, round_timeout: float = 600.0,
 
 
 client_app = ClientApp()
-_CLIENTS: dict[str, Any] = {}   # one roles.Client per config in this process
+_CLIENTS: dict[tuple, Any] = {}   # (config, cache dir) -> (roles.Client, cache note), per process
 
 
-def _client_role(run_config):
-  from fedbif_jax.deploy import roles
-  key = json.dumps([str(run_config[CONFIG_KEY]), str(run_config[OVERRIDES_KEY])])
+def cache_dir_of(node_config: Mapping[str, Any]) -> str:
+  """The SuperNode's ``cache-dir`` (`cache.DEFAULT_DIR` when it has none; '' turns it off)."""
+  from fedbif_jax.deploy import cache
+  value = node_config.get(CACHE_DIR_KEY)
+  return cache.DEFAULT_DIR if value is None else os.path.expanduser(str(value))
+
+
+def _client_role(context: Context) -> tuple[Any, str]:
+  """(the `roles.Client` of the run's config, a note on where its data set came from), built once
+  per process (`cache.client_role`: its data set and compiled programs from the node's cache)."""
+  from fedbif_jax.deploy import cache
+  cache_dir = cache_dir_of(context.node_config)
+  cache.use_compilation_cache(cache_dir)
+  key = (str(context.run_config.get(CONFIG_KEY)), *overrides_of(context.run_config), cache_dir)
   if key not in _CLIENTS:
-    _CLIENTS[key] = roles.Client(_config_from(run_config))
+    _CLIENTS[key] = cache.client_role(config_of(context.run_config), cache_dir)
   return _CLIENTS[key]
 
 
 @client_app.query()
 def _query(message: Message, context: Context) -> Message:
-  client = context.node_config.get(PARTITION_KEY)
-  content = ConfigRecord({PARTITION_KEY: int(client)} if client is not None else {})
-  return Message(RecordDict({"node": content}), reply_to=message)
+  found = {k: int(context.node_config[k]) for k in (PARTITION_KEY, NUM_PARTITIONS_KEY)
+           if k in context.node_config}
+  return Message(RecordDict({"node": ConfigRecord(found)}), reply_to=message)
 
 
 def _load_client_state(context: Context, run_key: str, role, t: int, client: int
@@ -492,16 +595,16 @@ def _train(message: Message, context: Context) -> Message:
   if own is None or int(own) != client:
     raise ValueError(f"this SuperNode trains client {own}, the server asked for client {client}")
   started = time.time()
-  role = _client_role(context.run_config)
+  role, note = _client_role(context)
   setup = time.time() - started
   downlink, _ = read_array(message.content, "downlink", "downlink")
   run_key = str(round_info.get("run-key", ""))
   state, lost = _load_client_state(context, run_key, role, t, client)
   uplink, metrics, new_state = role.train(t, client, downlink, state)
   _save_client_state(context, run_key, t, client, payload_lib.to_array(new_state))
-  log.info("client %d round %d: received %d B, sent %d B, loss %.4f, %.1fs (setup %.1fs)", client,
-           t, downlink.size, uplink.size, metrics["loss_sum"] / max(metrics["count"], 1.0),
-           time.time() - started, setup)
+  log.info("client %d round %d: received %d B, sent %d B, loss %.4f, %.1fs (setup %.1fs: %s)",
+           client, t, downlink.size, uplink.size,
+           metrics["loss_sum"] / max(metrics["count"], 1.0), time.time() - started, setup, note)
   metrics = MetricRecord({**metrics, "downlink_bytes": int(downlink.size),
                           "uplink_bytes": int(uplink.size), "state_lost": int(lost)})
   return Message(RecordDict({"uplink": _to_flower(uplink), "metrics": metrics}), reply_to=message)
@@ -520,12 +623,11 @@ def _bin(name: str) -> str:
 
 
 def process_env(home: str, jax_cache: str | None) -> dict:
-  """Environment of a SuperLink, SuperNode or ``flwr run``: its own FLWR_HOME, the repository on
-  PYTHONPATH (the apps import fedbif_jax), this Python's scripts on PATH, no update check or
-  telemetry (offline), and JAX's persistent compilation cache at `jax_cache` (if given)."""
+  """Environment of a SuperLink, SuperNode or ``flwr run``: its own FLWR_HOME, this Python's
+  scripts on PATH, no update check or telemetry (offline), and JAX's persistent compilation cache
+  at `jax_cache` (if given). The apps need no PYTHONPATH: they run from the installed bundle."""
   env = dict(os.environ)
   env["FLWR_HOME"] = home
-  env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
   env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
   env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
   env["FLWR_TELEMETRY_ENABLED"] = "0"
@@ -536,8 +638,10 @@ def process_env(home: str, jax_cache: str | None) -> dict:
   return env
 
 
-def superlink_command(port: int) -> list[str]:
-  return [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+def superlink_command(port: int, host: str = "127.0.0.1") -> list[str]:
+  """``flower-superlink`` (HTTP on host:port, no TLS) with the app's dependencies taken from this
+  environment (no ``uv sync`` per run)."""
+  return [_bin("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
           "--disable-runtime-dependency-installation"]
 
 
@@ -549,62 +653,53 @@ def check_quote_free(path: str, field: str, why: str = "") -> str:
   return path
 
 
-def supernode_command(superlink: str, partition_id: int, port: int,
-                      state_dir: str | None = None) -> list[str]:
-  """``flower-supernode`` for client `partition_id`; with `state_dir`, the client keeps its state
-  in files there (`roles.StateFiles`), else in the SuperNode's memory for one run only."""
-  node_config = f"{PARTITION_KEY}={int(partition_id)}"
-  if state_dir:
-    state_dir = check_quote_free(os.path.abspath(state_dir), "--state-dir")
-    node_config += f" {STATE_DIR_KEY}='{state_dir}'"
+def supernode_command(superlink: str, partition_id: int, num_partitions: int, port: int,
+                      state_dir: str | None = None, cache_dir: str | None = None) -> list[str]:
+  """``flower-supernode`` for client `partition_id` of `num_partitions`; with `state_dir`, the
+  client keeps its state in files there (`roles.StateFiles`), else in the SuperNode's memory for
+  one run only; `cache_dir` ('' for none) replaces `cache.DEFAULT_DIR`."""
+  node_config = f"{PARTITION_KEY}={int(partition_id)} {NUM_PARTITIONS_KEY}={int(num_partitions)}"
+  for key, path in ((STATE_DIR_KEY, state_dir), (CACHE_DIR_KEY, cache_dir)):
+    if path is not None:
+      path = check_quote_free(os.path.abspath(path) if path else "", f"--{key}")
+      node_config += f" {key}='{path}'"
   return [_bin("flower-supernode"), "--insecure", "--superlink", superlink, "--host", "127.0.0.1",
           "--port", str(port), "--node-config", node_config]
 
 
-def write_app(workdir: str, config_path: str, overrides: Sequence[str],
-              round_timeout: float = 600.0, node_timeout: float = 120.0) -> str:
-  """Writes the Flower App (pyproject.toml + a two-line module) for one run under
-  ``<workdir>/flower_app`` and returns its directory. The run config carries the config file
-  (relative to the repository when it is in it), the overrides and the server's workdir."""
+def check_app() -> str:
+  """The Flower App's folder (``pyproject.toml`` with ``[tool.flwr.app]``); FileNotFoundError
+  when this package is not a checkout's (a non-editable install)."""
+  path = os.path.join(APP_DIR, "pyproject.toml")
+  if not os.path.isfile(path) or "[tool.flwr.app]" not in open(path, encoding="utf-8").read():
+    raise FileNotFoundError(f"no Flower App at {APP_DIR} (pyproject.toml with [tool.flwr.app]): "
+                            "run from a checkout installed with pip install -e .")
+  return APP_DIR
+
+
+def launcher_run_config(config_path: str, overrides: Sequence[str], workdir: str,
+                        round_timeout: float, node_timeout: float) -> dict:
+  """The run config of launch.py-style arguments (``--config.a.b=value`` overrides)."""
+  return {CONFIG_KEY: portable_config_path(config_path),
+          OVERRIDES_KEY: " ".join(shlex.quote(o.removeprefix("--config.")) for o in overrides),
+          WORKDIR_KEY: os.path.abspath(workdir), ROUND_TIMEOUT_KEY: float(round_timeout),
+          NODE_TIMEOUT_KEY: float(node_timeout)}
+
+
+def run_command(workdir: str, superlink: str, run_config: Mapping[str, Any]) -> tuple[list, str]:
+  """(``flwr run <app> local-deployment --stream --run-config <file>``, its FLWR_HOME): writes the
+  run config as a .toml file and a Flower configuration whose connection ``local-deployment`` is
+  the SuperLink at `superlink` (insecure), both under `workdir`."""
   import tomli_w
-  app = os.path.join(workdir, "flower_app")
-  os.makedirs(app, exist_ok=True)
-  project = {
-      "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-      "project": {"name": "fedbif-flower", "version": "1.0.0",
-                  "description": "fedbif_jax algorithms over Flower", "license": "Apache-2.0",
-                  "dependencies": ["flwr==1.42.0"]},
-      "tool": {"flwr": {"app": {
-          "publisher": "fedbif",
-          "components": {"serverapp": f"{APP_MODULE}:server_app",
-                         "clientapp": f"{APP_MODULE}:client_app"},
-          "config": {CONFIG_KEY: portable_config_path(config_path),
-                     OVERRIDES_KEY: json.dumps(list(overrides)),
-                     WORKDIR_KEY: os.path.abspath(workdir),
-                     ROUND_TIMEOUT_KEY: float(round_timeout),
-                     NODE_TIMEOUT_KEY: float(node_timeout)}}}},
-  }
-  with open(os.path.join(app, "pyproject.toml"), "wb") as f:
-    tomli_w.dump(project, f)
-  with open(os.path.join(app, f"{APP_MODULE}.py"), "w") as f:
-    f.write('"""Flower App entry points; the code is fedbif_jax.deploy.flower."""\n'
-            "from fedbif_jax.deploy import flower\n\n"
-            "server_app = flower.server_app\n"
-            "client_app = flower.client_app\n")
-  return app
-
-
-def run_command(workdir: str, superlink: str, config_path: str, overrides: Sequence[str],
-                round_timeout: float = 600.0, node_timeout: float = 120.0) -> tuple[list, str]:
-  """(``flwr run`` command, its FLWR_HOME): writes the app and a Flower configuration whose
-  default connection is the SuperLink at `superlink` (insecure)."""
-  app = write_app(workdir, config_path, overrides, round_timeout, node_timeout)
   home = os.path.join(workdir, "flower_cli")
   os.makedirs(home, exist_ok=True)
-  with open(os.path.join(home, "config.toml"), "w") as f:
-    f.write(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{superlink}"\ninsecure = true\n')
-  return [_bin("flwr"), "run", app, CONNECTION, "--stream"], home
+  with open(os.path.join(home, "config.toml"), "wb") as f:
+    tomli_w.dump({"superlink": {"default": CONNECTION,
+                                CONNECTION: {"address": superlink, "insecure": True}}}, f)
+  path = os.path.join(home, "run_config.toml")
+  with open(path, "wb") as f:
+    tomli_w.dump(dict(run_config), f)
+  return [_bin("flwr"), "run", check_app(), CONNECTION, "--stream", "--run-config", path], home
 
 
 def free_port() -> int:
@@ -707,32 +802,41 @@ def start(command: list[str], env: dict, log_path: str) -> subprocess.Popen:
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m fedbif_jax.deploy.flower",
-      description="Run fedbif_jax algorithms over Flower: a SuperLink (server), one SuperNode "
-                  "per client, and a run. Config flags are launch.py's: --config=FILE "
-                  "--config.a.b=value ...")
+      description="Run the Flower App of this repository (pyproject.toml [tool.flwr.app]): a "
+                  "SuperLink (server), one SuperNode per client, and a run through `flwr run`. "
+                  "Config flags are launch.py's: --config=FILE --config.a.b=value ...")
   sub = parser.add_subparsers(dest="command", required=True)
   home = os.path.join(os.path.expanduser("~"), ".cache", "fedbif_jax", "flower")
-  cache = os.path.join(os.path.expanduser("~"), ".cache", "fedbif_jax", "jax")
+  jax_cache = os.path.join(os.path.expanduser("~"), ".cache", "fedbif_jax", "jax")
 
   def common(p, with_home=True):
     if with_home:
       p.add_argument("--home", default=home,
                      help="base directory of its FLWR_HOME (default %(default)s)")
-    p.add_argument("--jax-cache", default=cache,
+    p.add_argument("--jax-cache", default=jax_cache,
                    help="JAX persistent compilation cache, shared by the app processes; '' "
                         "disables it (default %(default)s)")
 
+  def cache_dir(p):
+    p.add_argument("--cache-dir", default=None,
+                   help="where the clients cache their data set (and compiled programs without "
+                        "--jax-cache); '' for no cache (default ~/.cache/fedbif_jax/flower)")
+
   p = sub.add_parser("superlink", help="start the SuperLink (the server) in the foreground")
-  p.add_argument("--port", type=int, default=9093)
+  p.add_argument("--port", type=int, default=8000, help="its HTTP port (default %(default)s)")
+  p.add_argument("--host", default="127.0.0.1",
+                 help="address it listens on; 0.0.0.0 for SuperNodes on other machines")
   common(p)
   p = sub.add_parser("supernode", help="start one client's SuperNode in the foreground")
-  p.add_argument("--superlink", default="127.0.0.1:9093", help="the SuperLink's host:port")
+  p.add_argument("--superlink", default="127.0.0.1:8000", help="the SuperLink's host:port")
   p.add_argument("--partition-id", type=int, required=True, help="the client id it trains")
+  p.add_argument("--num-partitions", type=int, required=True, help="config.num_clients")
   p.add_argument("--port", type=int, default=0, help="its runtime API port (default: free)")
   p.add_argument("--state-dir", default=None,
                  help="where the client keeps its state between rounds, so that it survives a "
                       "restart of the server or of this SuperNode (default: "
                       "<home>/client-state-<partition-id>)")
+  cache_dir(p)
   common(p)
   for name, text in (("run", "submit a run to a running SuperLink and stream its log"),
                      ("local", "start a SuperLink and config.num_clients SuperNodes on "
@@ -745,24 +849,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--node-timeout", type=float, default=120.0,
                    help="seconds the server waits for every client's SuperNode to connect")
     if name == "run":
-      p.add_argument("--superlink", default="127.0.0.1:9093")
+      p.add_argument("--superlink", default="127.0.0.1:8000")
+    else:
+      cache_dir(p)
     common(p, with_home=False)  # FLWR_HOMEs under --workdir
   return parser
 
 
-def _check_config(path: str, overrides: Sequence[str], workdir: str):
-  """The config, checked, and that `workdir` holds no run of another config (the server checks
-  it again on its machine); prints the one-line error and exits with 2 otherwise."""
-  from fedbif_jax.errors import ConfigError
-  from fedbif_jax.train import check_resumable, validate_config
-  try:
-    config = load_config(path, overrides)
-    validate_config(config)
-    check_resumable(workdir, config)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  return config
+def _error(message: str) -> int:
+  print(f"error: {message}", file=sys.stderr)
+  return 2
 
 
 def _finish(workdir: str, returncode: int) -> int:
@@ -777,6 +873,7 @@ def _finish(workdir: str, returncode: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from fedbif_jax.errors import ConfigError
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a for a in argv if a.startswith("--config.")]
   args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
@@ -784,32 +881,37 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command == "superlink":
     home = os.path.join(args.home, f"superlink-{args.port}")
     os.makedirs(home, exist_ok=True)
-    env = process_env(home, jax_cache)
-    os.execve(superlink_command(args.port)[0], superlink_command(args.port), env)
+    command = superlink_command(args.port, args.host)
+    os.execve(command[0], command, process_env(home, jax_cache))
   if args.command == "supernode":
     port = args.port or free_port()
     home = os.path.join(args.home, f"supernode-{args.partition_id}-{port}")
     state_dir = args.state_dir or os.path.join(args.home, f"client-state-{args.partition_id}")
     try:
-      command = supernode_command(args.superlink, args.partition_id, port, state_dir)
+      command = supernode_command(args.superlink, args.partition_id, args.num_partitions, port,
+                                  state_dir, args.cache_dir)
     except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+      return _error(str(e))
     os.makedirs(home, exist_ok=True)
     os.execve(command[0], command, process_env(home, jax_cache))
 
+  # run / local: the config is checked here first (the server checks it again on its machine).
   workdir = os.path.abspath(args.workdir)
-  config = _check_config(args.config, overrides, workdir)
-  if args.command == "local":  # checked before anything starts: it holds the state folders
-    try:
+  run_config = launcher_run_config(args.config, overrides, workdir, args.round_timeout,
+                                   args.node_timeout)
+  try:
+    check_app()
+    config = config_of(run_config)
+    from fedbif_jax.train import check_resumable, validate_config
+    validate_config(config)
+    check_resumable(workdir, config)
+    if args.command == "local":  # it holds the SuperNodes' state folders
       check_quote_free(workdir, "--workdir", " (it holds the SuperNodes' state folders)")
-    except ValueError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+  except (ConfigError, FileNotFoundError, ValueError) as e:
+    return _error(str(e))
   os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
   if args.command == "run":
-    command, home = run_command(workdir, args.superlink, args.config, overrides,
-                                args.round_timeout, args.node_timeout)
+    command, home = run_command(workdir, args.superlink, run_config)
     return _finish(workdir, subprocess.run(command, env=process_env(home, jax_cache)).returncode)
 
   # local: everything on 127.0.0.1, free ports, logs under <workdir>/logs; each SuperNode keeps
@@ -824,13 +926,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     wait_for_superlink(port, process=processes[0])
     for c in range(config.num_clients):
       env = process_env(os.path.join(base, f"supernode-{c}"), jax_cache)
-      command = supernode_command(f"127.0.0.1:{port}", c, free_port(),
-                                  os.path.join(base, f"supernode-{c}", "client-state"))
+      command = supernode_command(f"127.0.0.1:{port}", c, config.num_clients, free_port(),
+                                  os.path.join(base, f"supernode-{c}", "client-state"),
+                                  args.cache_dir)
       processes.append(start(command, env, os.path.join(workdir, "logs", f"supernode-{c}.log")))
     print(f"SuperLink on 127.0.0.1:{port}, {config.num_clients} SuperNodes; logs in "
           f"{workdir}/logs", flush=True)
-    command, home = run_command(workdir, f"127.0.0.1:{port}", args.config, overrides,
-                                args.round_timeout, args.node_timeout)
+    command, home = run_command(workdir, f"127.0.0.1:{port}", run_config)
     returncode = subprocess.run(command, env=process_env(home, jax_cache)).returncode
   finally:
     stop_processes(processes)

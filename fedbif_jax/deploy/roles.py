@@ -2,7 +2,8 @@
 
 Owns what the Flower apps (`flower.py`) run on each side. Both sides build the simulator's own
 pieces from the config (`train.build_job`: data, partition, model, algorithm, local training,
-keys) and plan round t with `train.plan_round`, so a deployment computes the simulator's rounds:
+keys; a client may read its data set from its SuperNode's cache, `cache.client_role`) and plan
+round t with `train.plan_round`, so a deployment computes the simulator's rounds:
 
 * `Server.open_round(t)`: the plan (selected client ids, weights, schedule, keys), the downlink
   of ``algorithm.broadcast`` and its `wire.encode` bytes with the config's ``wire_codec`` (one
@@ -16,10 +17,11 @@ keys) and plan round t with `train.plan_round`, so a deployment computes the sim
   with the config's ``wire_codec``; finite non-negative numbers for the metrics). A client
   whose reply is missing or malformed is dropped with a logged one-line reason; the others are
   aggregated (``algorithm.aggregate``) with the plan's weights renormalised over them
-  (unchanged when nobody is dropped). Then the
-  global model is evaluated and the round's row is returned: accuracy and losses, who was
-  accepted or dropped and why, which clients had lost their state (``state_lost``), the ledger
-  of `train.traffic` over the accepted clients, and the payload bytes actually sent and received.
+  (unchanged when nobody is dropped; with nobody accepted the model stays, and the row's bpp
+  are NaN). Then the global model is evaluated and the round's row is returned: accuracy and
+  losses, who was accepted or dropped and why, which clients had lost their state
+  (``state_lost``), the ledger of `train.traffic` over the accepted clients, and the payload
+  bytes actually sent and received.
 
 With every client accepted, the server state after round t equals the simulator's bit for bit on
 the same backend (``parallel=sequential``, the CPU default): the same jitted functions see the same
@@ -216,6 +218,11 @@ class Server:
     else:
       log.error("round %d: no client's uplink was accepted; the global model is unchanged", t)
       new_state, train_loss = self.state, float("nan")
+      # The ledger of no uplinks: no bits, and bits per weight undefined (NaN, as in the
+      # summary's means over the rounds).
+      row.update({"uplink_bits": 0, "downlink_bits": 0,
+                  **{f"{d}_{k}bpp": float("nan") for d in ("uplink", "downlink")
+                     for k in ("", "total_")}})
     test_acc, test_loss = self._evaluate(new_state)
     if not math.isfinite(test_loss) or (accepted and not math.isfinite(train_loss)):
       raise train_lib.TrainingDiverged(
@@ -242,13 +249,15 @@ class Server:
 class Client:
   """One process's client side: local training of whichever client id a message names."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, job: train_lib.Job | None = None):
+    """`job`: `train.build_job` of a config that differs from `config` in where its data set is
+    read from only (`cache.data_config`); built from `config` when None."""
     # A deployment evaluates the test set every round (no validation split, no schedule).
     check(config.eval_every == 1, "eval_every", "1 in a Flower deployment (it evaluates every "
           "round)", config.eval_every)
     check(config.eval_test, "eval_test", "True in a Flower deployment", config.eval_test)
     self.config = config
-    self.job = job = train_lib.build_job(config)
+    self.job = job = train_lib.build_job(config) if job is None else job
     # One client per message: its steps run on this process's first device only.
     self._runner = parallel.make_runner(config.parallel, job.local, config.unroll, client_devices=1)
     self._data = self._runner.place(TrainData(job.dataset.x_train, job.dataset.y_train))
