@@ -50,6 +50,12 @@ def small_config(**overrides):
   return c
 
 
+def without_wall_clock(summary: dict) -> dict:
+  """`summary` without ``wall_seconds``, the one field in which two runs of a config (straight,
+  or killed and resumed) may differ."""
+  return {k: v for k, v in summary.items() if k != "wall_seconds"}
+
+
 @pytest.fixture
 def make_config():
   return small_config

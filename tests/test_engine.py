@@ -4,6 +4,7 @@ Covers `fedbif_jax/client.py`, `parallel.py`, `algorithms/fedavg.py`, `algorithm
 (as algorithms) and `train.py` on the built-in digits.
 """
 import contextlib
+import gc
 import json
 import os
 
@@ -15,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, small_config
+from conftest import REPO, small_config, without_wall_clock
 from fedbif_jax import data as data_lib
 from fedbif_jax import lipschitz
 from fedbif_jax import metrics as metrics_lib
@@ -301,7 +302,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_previous_checkpoint_res
   monkeypatch.undo()
   resumed = train_and_evaluate(config, str(workdir)).summary
   straight = train_and_evaluate(config, str(tmp_path / "straight")).summary
-  assert resumed == straight
+  assert without_wall_clock(resumed) == without_wall_clock(straight)
   rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["round"] for r in rows] == [0, 1, 2, 3]
 
@@ -434,6 +435,7 @@ def test_many_clients_keep_state_on_host_and_device_memory_flat(tmp_path, monkey
   def record(self, ids, stacked):
     original(self, ids, stacked)
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(stacked))
+    gc.collect()  # what is held, not unreachable cycles an earlier run left for the collector
     device_bytes[len(self.states)] = sum(x.nbytes for x in jax.live_arrays())
 
   monkeypatch.setattr(train_lib._Store, "scatter", record)
