@@ -137,18 +137,14 @@ def config_changes(stored: dict, now: dict, prefix: str = "") -> list[str]:
   return changed
 
 
-def _added_at_default(field: str, stored: dict, now: dict) -> bool:
-  """Whether dotted `field` is absent from the stored config and holds `base_config`'s default
-  now: a field added to the library after the run was made (e.g. wire_codec), which the run
-  used at its default."""
-  from fedbif_jax.config import base_config  # pylint: disable=import-outside-toplevel
-  default = json.loads(base_config().to_json_best_effort())
-  *parents, leaf = field.split(".")
-  for part in parents:
-    stored = stored.get(part) if isinstance(stored, dict) else None
-    now, default = now.get(part, {}), default.get(part, {})
-  absent = not isinstance(stored, dict) or leaf not in stored
-  return absent and leaf in default and now.get(leaf) == default[leaf]
+def _with_defaults(stored: dict, default: dict) -> dict:
+  """`stored` (a config.json) with every field it lacks taken from `default` (base_config's):
+  a field added to the library after a run was made was used by that run at its default."""
+  merged = dict(default)
+  for key, value in stored.items():
+    merged[key] = (_with_defaults(value, default[key])
+                   if isinstance(value, dict) and isinstance(default.get(key), dict) else value)
+  return merged
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -160,9 +156,10 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
     return
   with open(path) as f:
     stored = json.load(f)
-  now = json.loads(config.to_json_best_effort())
-  changed = [k for k in config_changes(stored, now)
-             if k not in RESUMABLE_CHANGES and not _added_at_default(k, stored, now)]
+  from fedbif_jax.config import base_config  # pylint: disable=import-outside-toplevel
+  stored = _with_defaults(stored, json.loads(base_config().to_json_best_effort()))
+  changed = [k for k in config_changes(stored, json.loads(config.to_json_best_effort()))
+             if k not in RESUMABLE_CHANGES]
   if changed:
     raise ConfigError(f"workdir: {workdir} holds a run made with another config (changed: "
                       f"{', '.join(changed)}); use a fresh --workdir, or the same config to "
@@ -274,6 +271,8 @@ def traffic(downlink: Any, uplinks: Any, num_weights: int, codec: str = "packed"
   coded bits, their symbol statistics included) and uplink_entropy_bpp, downlink_entropy_bpp
   (their empirical entropy, `wire.entropy_bits`, the limit of that coding); per compressed weight.
   """
+  if codec != "packed":  # sizes and entropy read the values: one device-to-host copy for both
+    downlink, uplinks = jax.device_get((downlink, uplinks))
   up = wire.coded_sizes(uplinks, codec, stacked=True)   # one message per client
   down = wire.coded_sizes(downlink, codec)              # one message, sent to each client
   num_clients = len(up.sizes)
