@@ -4,15 +4,17 @@ The paper's CIFAR-10 setting: 10 clients, each 5 local epochs over 5,000 images 
 (395 local steps per client), FedBiF with m = 4 bits and s = 1 activated bit. Random images of
 that shape stand in for CIFAR-10 (speed does not depend on the pixels). For each backend it times
 one warm-up round (compile included) and one more round, takes FLOPs per local step from XLA's
-cost analysis (as benchmarks/throughput.py does) and reports the achieved TFLOP/s against the
+cost analysis, compiled for the host CPU (benchmarks/throughput.step_flops: XLA's GPU count
+leaves out the cuDNN convolutions) and reports the achieved TFLOP/s against the
 device's measured float32 matmul peak (JAX's default precision, so TF32 on tensor-core GPUs),
 and the time a 200-round run would take.
 
-Usage (one GPU; not yet run on one, so its duration there is unknown: budget a 10-minute limit):
+Usage (one GPU; on an H200 each backend took about 2 minutes, compile and CPU FLOP count included:
+docs/GPU.md):
   python benchmarks/paper_round.py --out=$OUT/paper_round.json
   python benchmarks/paper_round.py --smoke      # seconds on a CPU: tiny sizes, the small CNN
 The last line printed is one JSON object; --out also writes it to a file. Paste the figures into
-docs/PERFORMANCE.md with the device's name.
+docs/GPU.md with the device's name (benchmarks/gpu_study.sh runs this and a FedAvg/FedBiF pair).
 """
 from __future__ import annotations
 
@@ -64,10 +66,10 @@ def main() -> None:
                wall_s=time.perf_counter() - t)
     result["rows"].append(row)
     print(json.dumps(row), flush=True)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
+    if args.out:  # after every backend, so a run cut off by a time limit keeps its rows
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
   print(json.dumps(result))
 
 
