@@ -341,16 +341,47 @@ def beyond_section(table, beyond, targets) -> list[str]:
           lines += codec_table(rs)
           verdicts.append(codec_verdict(LABELS[v], PARTITION_LABELS[p], rs, reference))
         continue
-      mine, ref = _mean(rs, "best_accuracy"), _mean(reference, "best_accuracy")
-      if mine[0] is None or ref[0] is None:
-        continue
-      gap = 100 * (mine[0] - ref[0])
-      word = ("no better (within noise)" if _within_noise(mine, ref)
-              else "better" if gap > 0 else "worse")
-      verdicts.append(f"- {LABELS[v]}, {PARTITION_LABELS[p]}: {word}: best accuracy "
-                      f"{gap:+.1f} points against default FedBiF-1/4 ({mine[2]} vs {ref[2]} "
-                      "seeds).")
+      if rs:
+        verdicts.append(paired_verdict(LABELS[v], PARTITION_LABELS[p], rs, reference))
   return lines + verdicts + ([""] if verdicts else [])
+
+
+def _seed_pairs(runs, reference) -> list[tuple[dict, dict]]:
+  """(variant run, default run) of the same seed (same partition and initial model), finished."""
+  by_seed = {r["config"]["seed"]: r for r in reference if r["summary"] and r["config"]}
+  return [(r, by_seed[r["config"]["seed"]]) for r in runs
+          if r["summary"] and r["config"] and r["config"]["seed"] in by_seed]
+
+
+def paired_verdict(label, partition, runs, reference) -> str:
+  """A variant against default FedBiF-1/4 seed by seed (each pair shares its data partition and
+  initial model, so the difference is the variant's): identical when every evaluated accuracy
+  of every pair is equal; with one pair, its gap and no verdict; with more, the mean gap ± the
+  std of the per-seed gaps, "better"/"worse" only when the mean gap is at least twice that std
+  and has the same sign in every seed."""
+  pairs = _seed_pairs(runs, reference)
+  if not pairs:
+    return f"- {label}, {partition}: no default FedBiF-1/4 run of the same seed to compare with yet."
+  curve = lambda run: [r["test_accuracy"] for r in _evaluated(run, "test_accuracy")]
+  if all(curve(a) == curve(b) for a, b in pairs):
+    return (f"- {label}, {partition}: **no different**: the same test accuracy as default "
+            f"FedBiF-1/4 at every evaluated round in {len(pairs)} of {len(pairs)} seeds (the "
+            "variant trained exactly the same model).")
+  gaps = {key: [100 * (a["summary"][key] - b["summary"][key]) for a, b in pairs]
+          for key in ("best_accuracy", "final_accuracy")}
+  shown = "; ".join(
+      f"{key.split('_')[0]} {np.mean(g):+.1f}" + (f" ± {np.std(g, ddof=1):.1f}" if len(g) > 1 else "")
+      for key, g in gaps.items())
+  if len(pairs) == 1:
+    return (f"- {label}, {partition}: one seed so far, no verdict: {shown} points against "
+            "default FedBiF-1/4 of the same seed.")
+  best = gaps["best_accuracy"]
+  mean, std = float(np.mean(best)), float(np.std(best, ddof=1))
+  one_sign = all(g > 0 for g in best) or all(g < 0 for g in best)
+  word = (("**better**" if mean > 0 else "**worse**") if one_sign and abs(mean) >= 2 * std
+          else "**no better (within noise)**")
+  return (f"- {label}, {partition}: {word}: {shown} points against default FedBiF-1/4, "
+          f"paired over {len(pairs)} seeds (mean ± std of the per-seed gaps).")
 
 
 def codec_table(runs) -> list[str]:
@@ -372,9 +403,7 @@ def codec_table(runs) -> list[str]:
 def codec_verdict(label, partition, runs, reference) -> str:
   """A codec changes only bytes: the verdict checks that accuracy equals the reference runs of
   the same seeds exactly, and gives the change in total bytes over those seeds."""
-  by_seed = {r["config"]["seed"]: r for r in reference if r["summary"] and r["config"]}
-  pairs = [(r, by_seed[r["config"]["seed"]]) for r in runs
-           if r["summary"] and r["config"] and r["config"]["seed"] in by_seed]
+  pairs = _seed_pairs(runs, reference)
   if not pairs:
     return f"- {label}, {partition}: no FedBiF-1/4 run of the same seed to compare with yet."
   same = sum(a["summary"]["final_accuracy"] == b["summary"]["final_accuracy"]

@@ -180,3 +180,29 @@ def test_grid_cli_lists_and_rejects_bad_flags(tmp_path):
   report = subprocess.run([sys.executable, "-m", "experiments.report", "--root=/nonexistent"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
   assert report.returncode == 2 and "--root: no such directory" in report.stderr
+
+
+def _paired_run(seed: int, curve: list[float]) -> dict:
+  """A finished run as report.load_runs gives it: its seed, rows and summary."""
+  rows = [{"round": t, "test_accuracy": a} for t, a in enumerate(curve)]
+  return {"config": {"seed": seed}, "metrics": rows, "failed": None,
+          "summary": {"best_accuracy": max(curve), "final_accuracy": curve[-1]}}
+
+
+def test_paired_verdict_compares_seed_by_seed():
+  reference = [_paired_run(s, [0.40, 0.50]) for s in range(3)]
+  verdict = lambda runs: report_lib.paired_verdict("V", "IID", runs, reference)
+  # The same curve in every seed: the variant trained the same model.
+  assert "**no different**" in verdict([_paired_run(s, [0.40, 0.50]) for s in range(2)])
+  assert "2 of 2 seeds" in verdict([_paired_run(s, [0.40, 0.50]) for s in range(2)])
+  # One seed: its gap, no verdict (best +2.0, final +1.0 points).
+  assert ("one seed so far, no verdict: best +2.0; final +1.0 points"
+          in verdict([_paired_run(1, [0.52, 0.51])]))
+  # Gaps +2, +3, +4 (mean 3, std 1): consistent and >= 2 std.
+  better = verdict([_paired_run(s, [0.40, 0.52 + 0.01 * s]) for s in range(3)])
+  assert "**better**" in better and "best +3.0 ± 1.0" in better and "over 3 seeds" in better
+  # Gaps -1, +1, -3 (mean -1, std 2): signs differ, so within noise.
+  mixed = verdict([_paired_run(s, [0.40, 0.50 + g]) for s, g in enumerate((-0.01, 0.01, -0.03))])
+  assert "**no better (within noise)**" in mixed and "best -1.0 ± 2.0" in mixed
+  # A variant seed with no default run of the same seed is left out.
+  assert "no default FedBiF-1/4 run of the same seed" in verdict([_paired_run(7, [0.9])])
