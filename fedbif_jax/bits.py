@@ -7,47 +7,21 @@ turns them into binary bits with a step function whose gradient is the identity
 (`weights_from_bits`). Only the *activated* bits receive gradients; frozen bits are constants.
 
 A virtual-bit pytree is the params pytree *pruned* to its bit-trained leaves: the same nested
-dict keys, each kept leaf with a leading bit axis. `split_params` / `merge_params` move between a
-full params pytree and its (bit-trained, full-precision) halves.
+dict keys, each kept leaf with a leading bit axis. `pytrees.split_params` / `pytrees.merge_params`
+move between a full params pytree and its (bit-trained, full-precision) halves.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Tuple
-
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 
+from fedbif_jax import pytrees
 from fedbif_jax import quant
 
-Params = Mapping[str, Any]
-Path = Tuple[str, ...]
-Predicate = Callable[[Path, jax.Array], bool]
-
-
-def is_kernel(path: Path, leaf: jax.Array) -> bool:
-  """Default bit-trained predicate: conv and dense kernels (leaves named 'kernel', ndim >= 2)."""
-  return path[-1] == "kernel" and leaf.ndim >= 2
-
-
-def split_params(params: Params, predicate: Predicate = is_kernel) -> tuple[dict, dict]:
-  """Splits params into (bit-trained leaves, full-precision leaves), two pruned nested dicts."""
-  flat = traverse_util.flatten_dict(params)
-  bit = {k: v for k, v in flat.items() if predicate(k, v)}
-  full = {k: v for k, v in flat.items() if not predicate(k, v)}
-  return traverse_util.unflatten_dict(bit), traverse_util.unflatten_dict(full)
-
-
-def merge_params(*trees: Params) -> dict:
-  """Inverse of `split_params`: the union of disjoint pruned nested dicts."""
-  flat = {}
-  for tree in trees:
-    for key, value in traverse_util.flatten_dict(tree).items():
-      if key in flat:
-        raise ValueError(f"params: leaf {'/'.join(key)} appears in more than one tree")
-      flat[key] = value
-  return traverse_util.unflatten_dict(flat)
+Params = pytrees.Params
+Predicate = pytrees.Predicate
 
 
 @jax.custom_vjp
@@ -126,7 +100,7 @@ def init_std(shape: tuple[int, ...], rule: str = "fan_in") -> float:
 
 
 def init_virtual_bits(key: jax.Array, params: Params, m: int,
-                      predicate: Predicate = is_kernel, rule: str = "fan_in") -> dict:
+                      predicate: Predicate = pytrees.is_kernel, rule: str = "fan_in") -> dict:
   """Kaiming-normal virtual bits for every bit-trained leaf (Alg. 1, "Clients initialize ...").
 
   Args:
@@ -140,14 +114,10 @@ def init_virtual_bits(key: jax.Array, params: Params, m: int,
     N(0, init_std(S, rule)^2). Other leaves are absent.
   """
   m = quant.check_bits(m)
-  bit_params, _ = split_params(params, predicate)
-  flat = traverse_util.flatten_dict(bit_params)
-  keys = jax.random.split(key, max(len(flat), 1))
-  out = {}
-  for k_leaf, (path, leaf) in zip(keys, sorted(flat.items())):
-    std = init_std(tuple(leaf.shape), rule)
-    out[path] = std * jax.random.normal(k_leaf, (m,) + tuple(leaf.shape), jnp.float32)
-  return traverse_util.unflatten_dict(out)
+  bit_params, _ = pytrees.split_params(params, predicate)
+  return pytrees.map_with_keys(
+      lambda k, leaf: init_std(tuple(leaf.shape), rule) * jax.random.normal(
+          k, (m,) + tuple(leaf.shape), jnp.float32), key, bit_params, rule="split")
 
 
 def _check_same_structure(a: Params, b: Params, name_a: str, name_b: str) -> None:
@@ -190,13 +160,10 @@ def reinitialize(key: jax.Array, virtual_bits: Params, received_bits: Params,
                  rule: str = "fan_in") -> dict:
   """The "without VBI" ablation (Sec. 4.3): fresh Kaiming magnitudes (`init_std`'s `rule`),
   signs from the received bits."""
-  flat = traverse_util.flatten_dict(virtual_bits)
-  keys = jax.random.split(key, max(len(flat), 1))
-  fresh = {}
-  for k_leaf, (path, v) in zip(keys, sorted(flat.items())):
-    std = init_std(tuple(v.shape[1:]), rule)
-    fresh[path] = std * jax.random.normal(k_leaf, v.shape, v.dtype)
-  return inherit(traverse_util.unflatten_dict(fresh), received_bits)
+  fresh = pytrees.map_with_keys(
+      lambda k, v: init_std(tuple(v.shape[1:]), rule) * jax.random.normal(k, v.shape, v.dtype),
+      key, virtual_bits, rule="split")
+  return inherit(fresh, received_bits)
 
 
 def _bit_weights(m: int, ndim: int) -> jax.Array:

@@ -62,11 +62,6 @@ class LocalTraining(NamedTuple):
   client_update: Callable[..., tuple]   # (downlink, client_state, batches, key, data) -> same
 
 
-def normalize(x_uint8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-  """uint8 images [..., C] -> float32 (x / 255 - mean) / std, per channel."""
-  return (x_uint8.astype(jnp.float32) / 255.0 - mean) / std
-
-
 def _step_key(step_key, carry: Carry):
   """The key of the next step: folded with the number of *real* steps taken so far, so that a
   step draws the same augmentation whether or not fully masked steps ran before it (the
@@ -106,7 +101,7 @@ def make_local_training(algorithm: Algorithm, model: nn.Module, optimizer: optax
   def one_step(downlink, carry: Carry, data: TrainData, batches: Batches, key) -> Carry:
     idx = jax.lax.dynamic_index_in_dim(batches.idx, carry.step, keepdims=False)
     mask = jax.lax.dynamic_index_in_dim(batches.mask, carry.step, keepdims=False)
-    x = normalize(augment_lib.augment_batch(augment, key, data.x[idx]), mean, std)
+    x = augment_lib.normalize(augment_lib.augment_batch(augment, key, data.x[idx]), mean, std)
     y = data.y[idx]
     n = jnp.sum(mask)
 

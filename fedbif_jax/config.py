@@ -71,6 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.mu = 0.5                  # Dirichlet concentration (dirichlet partition only)
   c.data.min_size = 10             # Dirichlet: redraw until every client has this many samples
 
+  # The algorithms' sections: the only place their hyperparameters' defaults are declared;
+  # `algorithms.get_algorithm` unpacks config.<algorithm> into the factory's keyword arguments.
   c.fedbif = ml_collections.ConfigDict()
   c.fedbif.bits = 4                # m, 1..8
   c.fedbif.active_bits = 1         # s, 1..m; must divide m for the sequential selector
@@ -79,7 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.fedbif.fixed_bits = ()         # fixed: bit indices; () = the paper's "third bit" (m - 3)
   c.fedbif.encoding = "offset"     # offset (Eq. 4) | sign_magnitude (the sign-bit ablation)
   c.fedbif.vbi = True              # virtual bits inheritance (False: the "without VBI" ablation)
-  c.fedbif.full_precision_first_last = False  # True: the first and last layers' kernels stay float32
+  c.fedbif.full_precision_first_last = False  # True: the first and last layers' kernels stay
+                                   # float32, for every algorithm (read by the engine, not by
+                                   # fedbif.make: `algorithms.ENGINE_FIELDS`)
   c.fedbif.bit_lr_scale = 1.0      # the activated virtual bits' SGD step is lr x this (biases and
                                    # BatchNorm keep lr); the paper leaves it at 1
   c.fedbif.bit_step = "uniform"    # uniform | inverse_pow2: bit i's step further scaled by 2^-i

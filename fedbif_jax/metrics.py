@@ -18,8 +18,7 @@ import optax
 
 from fedbif_jax import data as data_lib
 from fedbif_jax import xla_options
-from fedbif_jax.client import normalize
-from fedbif_jax.wire import is_bits
+from fedbif_jax.pytrees import is_bits
 
 
 EVAL_SPLITS = ("test", "validation")
@@ -41,7 +40,7 @@ def make_evaluator(model, eval_variables: Callable, dataset, batch_size: int,
 
   @xla_options.jit
   def batch_stats(variables, x, y, batch_idx, batch_mask):
-    logits = model.apply(variables, normalize(x[batch_idx], mean, std), train=False)
+    logits = model.apply(variables, data_lib.normalize(x[batch_idx], mean, std), train=False)
     labels = y[batch_idx]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)

@@ -1,17 +1,28 @@
-"""Stochastic quantization and bit (de)composition of integer tensors.
+"""Every quantizer of the library, on one stochastic rounding, and FedBiF's bit (de)composition.
 
-Owns the arithmetic of FedBiF's Sections 2.2 and 3.1:
+All are pure functions of arrays (a PRNG key where they draw):
 
-* `step_size`  - the per-layer step alpha of Eq. 5, ``max|x| / 2^(m-1)``.
-* `quantize`   - Eq. 1 with the stochastic rounding of Eq. 2 (nearest rounding without a key).
-* `dequantize` - Eq. 3, ``alpha * q``.
-* `to_bits` / `from_bits` - Eq. 4, the offset-binary decomposition
-  ``q = sum_i 2^i b_i - 2^(m-1)`` (no sign bit), and the sign-magnitude encoding used by the
-  paper's "with a sign bit" ablation (Sec. 4.3).
-
-Supported bit widths: ``1 <= m <= 8`` for offset binary, ``2 <= m <= 8`` for sign-magnitude
-(one sign bit needs at least one magnitude bit). Integers are carried as ``int8`` (every
-supported width fits), bits as ``uint8`` arrays of 0/1 with the bit axis first.
+* `stochastic_round` - the unbiased rounding every quantizer shares: floor(y) + 1 with
+  probability y - floor(y) (Eq. 2 of FedBiF; QSGD's Bernoulli rounding), one
+  ``jax.random.uniform`` draw of y's shape per call; `round_values` rounds to nearest without a
+  key.
+* FedBiF (Sections 2.2 and 3.1): `step_size` - the per-layer step alpha of Eq. 5,
+  ``max|x| / 2^(m-1)``; `quantize` - Eq. 1 with the stochastic rounding of Eq. 2 (nearest
+  rounding without a key); `dequantize` - Eq. 3, ``alpha * q``; `to_bits` / `from_bits` - Eq. 4,
+  the offset-binary decomposition ``q = sum_i 2^i b_i - 2^(m-1)`` (no sign bit), and the
+  sign-magnitude encoding used by the paper's "with a sign bit" ablation (Sec. 4.3).
+  Supported bit widths: ``1 <= m <= 8`` for offset binary, ``2 <= m <= 8`` for sign-magnitude
+  (one sign bit needs at least one magnitude bit). Integers are carried as ``int8`` (every
+  supported width fits), bits as ``uint8`` arrays of 0/1 with the bit axis first.
+* QSGD's symmetric level quantizer (Alistarh et al., NeurIPS 2017), which FedPAQ (Reisizadeh et
+  al., AISTATS 2020) and DAdaQuant (Hoenig et al., ICML 2022) apply to model updates: with L
+  levels per sign and a per-tensor scale s (`tensor_scale`),
+      Q(x)_j = s / L * q_j,   q_j = floor(L x_j / s) + Bernoulli(frac(L x_j / s)) in [-L, L],
+  unbiased (E[Q(x)] = x) because |x_j| <= s; it costs ceil(log2(2L + 1)) bits per element
+  (`level_width`). `quantize_levels` / `dequantize_levels`.
+* FedDQ's asymmetric min-max quantizer (Qu et al., GLOBECOM 2022, as in its official code):
+  2^b levels spanning [lo, hi], f = (hi - lo) / (2^b - 1), q = round((x - lo) / f), x ~ q f + lo.
+  `quantize_minmax` / `dequantize_minmax`.
 """
 from __future__ import annotations
 
@@ -24,6 +35,27 @@ import numpy as np
 MIN_BITS = 1
 MAX_BITS = 8
 ENCODINGS = ("offset", "sign_magnitude")
+
+
+def stochastic_round(y: jax.Array, key: jax.Array) -> jax.Array:
+  """Unbiased stochastic rounding (Eq. 2): floor(y) + 1 with probability y - floor(y), else floor(y).
+
+  E[stochastic_round(y)] = y. Draws ``jax.random.uniform(key, y.shape, float32)`` once.
+
+  Args:
+    y: float32 array [...].
+    key: PRNG key.
+  Returns:
+    float32 [...] of integers.
+  """
+  floor = jnp.floor(y)
+  u = jax.random.uniform(key, y.shape, jnp.float32)
+  return floor + (u < (y - floor)).astype(jnp.float32)
+
+
+def round_values(y: jax.Array, key: Optional[jax.Array] = None) -> jax.Array:
+  """`stochastic_round` with a key; round to nearest (ties to even) with ``key=None``."""
+  return jnp.round(y) if key is None else stochastic_round(y, key)
 
 
 def check_bits(m: int, field: str = "m", encoding: str = "offset") -> int:
@@ -94,13 +126,7 @@ def quantize(x: jax.Array, alpha: jax.Array, m: int, key: Optional[jax.Array] = 
   lo, hi = int_range(m, encoding)
   _check_alpha(alpha)
   y = jnp.clip(jnp.asarray(x, jnp.float32) / alpha, lo, hi)
-  if key is None:
-    q = jnp.round(y)
-  else:
-    floor = jnp.floor(y)
-    u = jax.random.uniform(key, y.shape, jnp.float32)
-    q = floor + (u < (y - floor)).astype(jnp.float32)
-  return jnp.clip(q, lo, hi).astype(jnp.int8)
+  return jnp.clip(round_values(y, key), lo, hi).astype(jnp.int8)
 
 
 def dequantize(q: jax.Array, alpha: jax.Array) -> jax.Array:
@@ -151,3 +177,77 @@ def from_bits(bits: jax.Array, m: int, encoding: str = "offset") -> jax.Array:
     return jnp.sum(weights * b, axis=0) - 2 ** (m - 1)
   magnitude = jnp.sum(weights[:-1] * b[:-1], axis=0)
   return (1 - 2 * b[-1]) * magnitude
+
+
+# ----------------------------------------------------------------------------- QSGD levels
+
+NORMS = ("max", "l2")
+
+
+def level_width(levels: jax.Array) -> jax.Array:
+  """ceil(log2(2L + 1)) for integer L >= 1, exactly: 2L+1 is odd, so it equals bit_length(L) + 1.
+
+  levels: int32 array (any shape). Returns int32, same shape. L=1 -> 2, 2..3 -> 3, 4..7 -> 4.
+  """
+  levels = jnp.asarray(levels, jnp.int32)
+  return (32 - jax.lax.clz(levels) + 1).astype(jnp.int32)
+
+
+def tensor_scale(x: jax.Array, norm: str = "max") -> jax.Array:
+  """The level quantizer's scale s: max|x| ("max") or ||x||_2 ("l2", QSGD as printed in FedPAQ).
+
+  float32 scalar > 0 (an all-zero tensor gets 1; it quantizes to zeros).
+  """
+  x = x.astype(jnp.float32)
+  s = jnp.max(jnp.abs(x)) if norm == "max" else jnp.sqrt(jnp.sum(x * x))
+  return jnp.where(s > 0, s, 1.0)
+
+
+def quantize_levels(x: jax.Array, levels: jax.Array, key: jax.Array, norm: str = "max",
+                    dtype=jnp.int16) -> tuple[jax.Array, jax.Array]:
+  """QSGD's unbiased stochastic quantization to integers in [-L, L] (module docstring).
+
+  Args:
+    x: float array [...], one tensor's update.
+    levels: L >= 1, int scalar (may be traced).
+    key: PRNG key for the stochastic rounding.
+    norm: "max" or "l2", see `tensor_scale`.
+    dtype: integer storage dtype; must hold [-L, L].
+  Returns:
+    (q, s): q `dtype` [...] in [-L, L]; s float32 scalar. Dequantize with `dequantize_levels`.
+  """
+  s = tensor_scale(x, norm)
+  lv = jnp.asarray(levels, jnp.float32)
+  y = jnp.clip(x.astype(jnp.float32) / s * lv, -lv, lv)
+  return jnp.clip(stochastic_round(y, key), -lv, lv).astype(dtype), s
+
+
+def dequantize_levels(q: jax.Array, levels: jax.Array, scale: jax.Array) -> jax.Array:
+  """Q(x) = s / L * q, float32 with q's shape."""
+  return q.astype(jnp.float32) * (jnp.asarray(scale, jnp.float32) /
+                                  jnp.asarray(levels, jnp.float32))
+
+
+# ----------------------------------------------------------------------------- FedDQ min-max
+
+
+def quantize_minmax(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array,
+                    key: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  """FedDQ's asymmetric min-max quantization of x onto 2^bits levels spanning [lo, hi].
+
+  Args:
+    x: float array [...] with lo <= x <= hi.
+    lo, hi: float32 scalars; bits: int32 scalar in 2..16 (may be traced).
+    key: None rounds to nearest (FedDQ's official code); a key rounds stochastically (unbiased).
+  Returns:
+    (q uint16 [...] in [0, 2^bits - 1], f float32 scalar); x ~ q * f + lo. f = 1 when hi == lo.
+  """
+  top = (2.0 ** bits.astype(jnp.float32)) - 1.0
+  f = jnp.where(hi > lo, (hi - lo) / top, 1.0).astype(jnp.float32)
+  y = jnp.clip((x.astype(jnp.float32) - lo) / f, 0.0, top)
+  return jnp.clip(round_values(y, key), 0.0, top).astype(jnp.uint16), f
+
+
+def dequantize_minmax(q: jax.Array, f: jax.Array, lo: jax.Array) -> jax.Array:
+  """q * f + lo, float32 with q's shape."""
+  return q.astype(jnp.float32) * f + lo

@@ -48,11 +48,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from fedbif_jax import bits as bits_lib
 from fedbif_jax import data as data_lib
 from fedbif_jax import metrics as metrics_lib
 from fedbif_jax import parallel
 from fedbif_jax import plots
+from fedbif_jax import pytrees
 from fedbif_jax import records
 from fedbif_jax import wire
 from fedbif_jax import xla_options
@@ -230,7 +230,7 @@ def build_job(config: ml_collections.ConfigDict) -> Job:
   sample = jnp.zeros((1,) + dataset.x_train.shape[1:], jnp.float32)
   variables = jax.jit(lambda k: model.init(k, sample, train=False))(k_model)
   num_weights = sum(x.size for x in jax.tree.leaves(
-      bits_lib.split_params(variables["params"], predicate)[0]))
+      pytrees.split_params(variables["params"], predicate)[0]))
   local = make_local_training(algorithm, model, optax.sgd(config.lr), dataset.mean, dataset.std,
                               augment=config.data.augment)
   sizes = np.array([len(p) for p in parts])

@@ -1,4 +1,4 @@
-"""What crosses the network: payload leaf types, the byte encodings, and the ledger.
+"""What crosses the network: the byte encodings of payloads, and the ledger.
 
 A payload (downlink or uplink) is a pytree (nested dicts, lists, tuples) of arrays. Its
 ``"weights"`` entry holds the model's compressed tensors (conv and dense kernels): the paper's
@@ -7,8 +7,9 @@ else in a payload (biases, BatchNorm leaves, step sizes, scales, levels, masks) 
 honest total.
 
 Leaves are plain arrays, sent at their dtype's width (bool packed to 1 bit per element), or
-`Bits`, an integer tensor sent with ``width`` bits per element (1 for an activated bit or a sign,
-m for an m-bit integer, a per-client width for the adaptive baselines).
+`Bits` (defined in `fedbif_jax.pytrees`), an integer tensor sent with ``width`` bits per element
+(1 for an activated bit or a sign, m for an m-bit integer, a per-client width for the adaptive
+baselines).
 
 Two codecs (``config.wire_codec``): ``packed`` (the default) sends every `Bits` leaf bit-packed at
 its width; ``entropy`` also tries an ANS code of each `Bits` leaf under its own symbol histogram
@@ -65,10 +66,11 @@ import math
 import sys
 from typing import Any, NamedTuple
 
-import flax
 import jax
 import ml_dtypes
 import numpy as np
+
+from fedbif_jax.pytrees import Bits, is_bits
 
 MAGIC = b"FBW\x01"           # a payload without ENTROPY nodes (every packed payload)
 MAGIC_ENTROPY = b"FBW\x02"   # a payload with at least one ENTROPY node
@@ -80,23 +82,6 @@ _DTYPES = tuple(np.dtype(d) for d in (
     np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64,
     np.float16, ml_dtypes.bfloat16, np.float32, np.float64))
 _CODE = {d: i for i, d in enumerate(_DTYPES)}
-
-
-@flax.struct.dataclass
-class Bits:
-  """An integer tensor sent with `width` bits per element.
-
-  values: integer array [*lead, ...] (e.g. int8 m-bit integers or uint8 0/1 bits); signed dtypes
-    are sent in `width`-bit two's complement, unsigned ones as `width`-bit unsigned integers.
-  width: int32 array [*lead] or scalar: bits per element (per client when stacked over clients).
-  """
-  values: jax.Array
-  width: jax.Array
-
-
-def is_bits(x: Any) -> bool:
-  """Whether `x` is a `Bits` leaf (the ``is_leaf`` of every tree map over payloads)."""
-  return isinstance(x, Bits)
 
 
 def _leaf_bits(leaf: Any) -> float:

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from fedbif_jax.algorithms import dadaquant, feddq, fedpaq, get_algorithm, signsgd, updates
+from fedbif_jax import quant
+from fedbif_jax.algorithms import dadaquant, feddq, fedpaq, get_algorithm, signsgd
 from fedbif_jax.algorithms.base import LocalState, RoundInfo
 from fedbif_jax import train as train_lib
 from fedbif_jax.errors import ConfigError
 from fedbif_jax.train import train_and_evaluate
-from fedbif_jax.wire import Bits
+from fedbif_jax.pytrees import Bits
 
 
 def _tiny_variables():
@@ -91,22 +92,7 @@ def test_signsgd_refuses_partial_participation():
 
 def test_fedpaq_levels_and_widths():
   assert [fedpaq.levels_for_bits(b) for b in (2, 3, 4, 8)] == [1, 3, 7, 127]
-  assert [int(updates.level_width(fedpaq.levels_for_bits(b))) for b in (2, 3, 4, 8)] == [2, 3, 4, 8]
-
-
-def test_fedpaq_quantizer_is_unbiased_on_its_grid():
-  x = jnp.array([0.5, -1.0, 0.25, 0.0])
-  keys = jax.random.split(jax.random.key(0), 20000)
-  q, s = jax.vmap(lambda k: updates.quantize_levels(x, 7, k, "max", jnp.int8))(keys)
-  assert float(s[0]) == 1.0
-  # 7 * x = [3.5, -7, 1.75, 0]: rounds to {3, 4}, -7 exactly, {1, 2}, 0 exactly
-  assert set(np.unique(q[:, 0]).tolist()) == {3, 4} and set(np.unique(q[:, 2]).tolist()) == {1, 2}
-  assert np.all(q[:, 1] == -7) and np.all(q[:, 3] == 0)
-  mean = jnp.mean(updates.dequantize_levels(q, 7, s[:, None]), axis=0)
-  np.testing.assert_allclose(mean, x, atol=0.01)
-  l2 = jax.vmap(lambda k: updates.dequantize_levels(*updates.quantize_levels(
-      x, 7, k, "l2", jnp.int8)[0:1], 7, updates.tensor_scale(x, "l2")))(keys)
-  np.testing.assert_allclose(jnp.mean(l2, axis=0), x, atol=0.01)
+  assert [int(quant.level_width(fedpaq.levels_for_bits(b))) for b in (2, 3, 4, 8)] == [2, 3, 4, 8]
 
 
 def test_fedpaq_aggregates_dequantized_updates():
@@ -142,14 +128,6 @@ def test_feddq_bit_width_from_range(value_range, resolution, bits):
   assert int(feddq.bit_width(value_range, resolution, 16)) == bits
 
 
-def test_feddq_minmax_quantizer_by_hand():
-  x = jnp.array([0.0, 0.25, 1.0, 0.5])
-  q, f = feddq.quantize_minmax(x, jnp.float32(0.0), jnp.float32(1.0), jnp.int32(2))
-  np.testing.assert_allclose(f, 1 / 3)                      # 4 levels over [0, 1]
-  np.testing.assert_array_equal(q, [0, 1, 3, 2])            # 0, 0.75, 3, 1.5 rounded (ties to even)
-  np.testing.assert_allclose(feddq.dequantize_minmax(q, f, 0.0), [0, 1 / 3, 1, 2 / 3], atol=1e-6)
-
-
 def test_feddq_client_width_follows_its_own_range():
   algo = get_algorithm(small_config(algorithm="feddq", feddq__resolution=0.01))
   variables = _tiny_variables()
@@ -163,7 +141,7 @@ def test_feddq_client_width_follows_its_own_range():
         [[1., -1., 0.], [0.5, 0., 0.]])
     up, _ = algo.client_finish(down, {}, LocalState(moved, {}), jax.random.key(2), {})
     widths.append(int(up["weights"]["Dense_0"]["kernel"].width))
-    deq = feddq.dequantize_minmax(up["weights"]["Dense_0"]["kernel"].values,
+    deq = quant.dequantize_minmax(up["weights"]["Dense_0"]["kernel"].values,
                                   up["step"]["Dense_0"]["kernel"], up["min"]["Dense_0"]["kernel"])
     np.testing.assert_allclose(deq, moved["Dense_0"]["kernel"] - down["weights"]["Dense_0"]["kernel"],
                                atol=0.01 / 2 + 1e-6)   # error <= resolution / 2
@@ -206,8 +184,8 @@ def test_feddq_uplink_bpp_by_hand():
 def test_dadaquant_level_width_is_ceil_log2_2q_plus_1():
   q = np.arange(1, 40000)
   expected = np.ceil(np.log2(2 * q + 1)).astype(int)
-  np.testing.assert_array_equal(updates.level_width(jnp.asarray(q)), expected)
-  assert updates.level_width(jnp.arange(1, 10)).tolist() == [2, 3, 3, 4, 4, 4, 4, 5, 5]
+  np.testing.assert_array_equal(quant.level_width(jnp.asarray(q)), expected)
+  assert quant.level_width(jnp.arange(1, 10)).tolist() == [2, 3, 3, 4, 4, 4, 4, 5, 5]
 
 
 def test_dadaquant_doubles_on_a_hand_made_loss_sequence():
@@ -247,7 +225,7 @@ def test_dadaquant_client_levels_for_unequal_shares():
   equal = jnp.full((5,), 300.0)
   assert dadaquant.client_levels(dadaquant.client_adaptive_scale(equal, 8), equal,
                                  32767).tolist() == [8] * 5
-  assert updates.level_width(jnp.array([1, 2, 5])).tolist() == [2, 3, 4]
+  assert quant.level_width(jnp.array([1, 2, 5])).tolist() == [2, 3, 4]
 
 
 def test_dadaquant_client_derives_its_level_from_the_broadcast():

@@ -21,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax import bits
+from fedbif_jax import pytrees
 from fedbif_jax import quant
-from fedbif_jax.wire import Bits
+from fedbif_jax.pytrees import Bits
 
 _FAST = settings(max_examples=25, deadline=None)
 
@@ -74,27 +76,6 @@ def test_ste_step_forward_and_gradient_random(seed):
   np.testing.assert_array_equal(np.asarray(bits.ste_step(v)), (np.asarray(v) > 0).astype(np.float32))
   g = jax.grad(lambda x: jnp.sum(c * bits.ste_step(x)))(v)
   np.testing.assert_array_equal(np.asarray(g), np.asarray(c))
-
-
-# ----------------------------------------------------------------------------- split / merge
-
-
-def test_split_params_separates_kernels_and_merge_restores():
-  params = _params()
-  bit, full = bits.split_params(params)
-  assert set(traverse_util.flatten_dict(bit)) == _KERNEL_PATHS
-  assert set(traverse_util.flatten_dict(full)) == (
-      set(traverse_util.flatten_dict(params)) - _KERNEL_PATHS)
-  merged = traverse_util.flatten_dict(bits.merge_params(bit, full))
-  flat = traverse_util.flatten_dict(params)
-  assert merged.keys() == flat.keys()
-  for path in flat:
-    assert merged[path] is flat[path]
-
-
-def test_merge_params_rejects_overlapping_leaves():
-  with pytest.raises(ValueError, match=r"^params: .*a/kernel"):
-    bits.merge_params({"a": {"kernel": jnp.ones((2, 2))}}, {"a": {"kernel": jnp.ones((2, 2))}})
 
 
 # ----------------------------------------------------------------------------- init_virtual_bits
@@ -165,10 +146,7 @@ def test_init_virtual_bits_custom_predicate():
   assert flat[("block", "Dense_0", "bias")].shape == (4, 5)
 
 
-def test_is_kernel_rejects_one_dimensional_kernels_and_other_names():
-  assert bits.is_kernel(("a", "kernel"), jnp.zeros((2, 3)))
-  assert not bits.is_kernel(("a", "kernel"), jnp.zeros((3,)))
-  assert not bits.is_kernel(("a", "scale"), jnp.zeros((2, 3)))
+def test_init_virtual_bits_skips_one_dimensional_kernels():
   v = bits.init_virtual_bits(jax.random.PRNGKey(0), {"a": {"kernel": jnp.zeros((3,))}}, 4)
   assert v == {}
 
@@ -196,7 +174,7 @@ def test_init_virtual_bits_on_flax_model_params():
 
 def _server_round(params, m, seed, encoding="offset"):
   """What the server sends: per-kernel (alpha, q) and the received bits (Eq. 5, 1, 4)."""
-  bit_params, _ = bits.split_params(params)
+  bit_params, _ = pytrees.split_params(params)
   flat = traverse_util.flatten_dict(bit_params)
   alphas, ints, received = {}, {}, {}
   for i, path in enumerate(sorted(flat)):
@@ -456,13 +434,12 @@ def test_fedbif_active_only_training_matches_weights_from_bits(bits_m, active_bi
   """FedBiF trains only the s activated virtual bits and reads the frozen ones off the received
   integers: its weights and gradients equal `weights_from_bits` over all m inherited virtual bits,
   and client_finish puts the trained bits back into the full virtual bits."""
-  import ml_collections
-  from fedbif_jax.algorithms import fedbif
+  from fedbif_jax.config import base_config
   from fedbif_jax.selectors import active_indices
-  c = ml_collections.ConfigDict({"fedbif": {"bits": bits_m, "active_bits": active_bits,
-                                            "selector": selector, "order": "msb_first",
-                                            "fixed_bits": (), "encoding": encoding, "vbi": True}})
-  algo = fedbif.make(c)
+  c = base_config()
+  c.fedbif.bits, c.fedbif.active_bits, c.fedbif.selector = bits_m, active_bits, selector
+  c.fedbif.encoding = encoding
+  algo = get_algorithm(c)
   k = jax.random.key(0)
   params = {"dense": {"kernel": 0.3 * jax.random.normal(k, (7, 5)), "bias": jnp.ones(5)},
             "conv": {"kernel": 0.1 * jax.random.normal(jax.random.fold_in(k, 1), (3, 3, 2, 4))}}
@@ -484,7 +461,7 @@ def test_fedbif_active_only_training_matches_weights_from_bits(bits_m, active_bi
 
     def ours(active):
       p = algo.model_params({"active_bits": active, "other": local.trainable["other"]}, down)
-      return bits.split_params(p, bits.is_kernel)[0]
+      return pytrees.split_params(p, pytrees.is_kernel)[0]
 
     # Perturb the active bits so that some flip sign relative to the received bits.
     active = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.fold_in(k, 99), a.shape),

@@ -26,7 +26,7 @@ from fedbif_jax.algorithms.fedbif import aggregate_bits
 from fedbif_jax.algorithms.fedbif import aggregate_by_recovery
 from fedbif_jax.algorithms.fedbif import aggregate_ints
 from fedbif_jax.algorithms.fedbif import recover_client_bits
-from fedbif_jax.wire import Bits
+from fedbif_jax.pytrees import Bits
 
 _FAST = settings(max_examples=15, deadline=None)
 _CLIENTS = 3

@@ -31,7 +31,7 @@ from fedbif_jax.algorithms import fedbif as fedbif_lib
 from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax.algorithms.base import RoundInfo
 from fedbif_jax.errors import ConfigError
-from fedbif_jax.wire import Bits
+from fedbif_jax.pytrees import Bits
 
 _FIXED = dict(fedbif__active_bits=2, fedbif__selector="fixed", fedbif__fixed_bits=(1, 3))
 
@@ -64,7 +64,7 @@ def test_step_gradient_is_the_lsq_scaled_finite_difference(encoding, q_p, beta0)
   step_lr_scale * g, g = 1 / sqrt(N * Q_P) with N = 30 and Q_P = 8 (offset) or 7
   (sign-magnitude) by hand."""
   m, scale = 4, 3.0
-  algo = fedbif_lib.make(small_config(fedbif__step="learned", fedbif__step_lr_scale=scale,
+  algo = get_algorithm(small_config(fedbif__step="learned", fedbif__step_lr_scale=scale,
                                       fedbif__encoding=encoding, **_FIXED))
   rng = np.random.default_rng(7)
   lo, hi = quant.int_range(m, encoding)
@@ -108,7 +108,7 @@ def test_step_gradient_is_the_lsq_scaled_finite_difference(encoding, q_p, beta0)
 
 def test_bits_gradient_uses_the_current_learned_step():
   """dL/dv_i = alpha * 2^i * dL/dw with alpha = alpha_received * exp(beta)."""
-  algo = fedbif_lib.make(small_config(fedbif__step="learned", **_FIXED))
+  algo = get_algorithm(small_config(fedbif__step="learned", **_FIXED))
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.integers(-8, 8, (6, 5)), jnp.int8)
   downlink = {"weights": {"d": {"kernel": Bits(q, jnp.int32(4))}},

@@ -21,7 +21,7 @@ import optax
 import pytest
 
 from conftest import small_config
-from fedbif_jax import bits as bits_lib
+from fedbif_jax import pytrees
 from fedbif_jax import data as data_lib
 from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax.algorithms.base import RoundInfo
@@ -30,7 +30,7 @@ from fedbif_jax.errors import ConfigError
 from fedbif_jax.models import (MODELS, bit_trained_predicate, get_model, kernel_call_order)
 from fedbif_jax.models.layers import batch_norm, conv3x3
 from fedbif_jax.train import train_and_evaluate
-from fedbif_jax.wire import Bits
+from fedbif_jax.pytrees import Bits
 
 CIFAR = (32, 32, 3)
 # name, classes, parameters (BatchNorm scale/bias included, running statistics not), #kernels
@@ -73,8 +73,8 @@ def test_registry_lists_the_paper_models():
 def test_parameter_counts(name, classes, params, kernels):
   variables = _abstract_variables(get_model(name, classes))
   assert _count(variables["params"]) == params
-  assert len(jax.tree.leaves(bits_lib.split_params(variables["params"])[0])) == kernels
-  conv_kernels = [k for k in jax.tree.leaves(bits_lib.split_params(variables["params"])[0])
+  assert len(jax.tree.leaves(pytrees.split_params(variables["params"])[0])) == kernels
+  conv_kernels = [k for k in jax.tree.leaves(pytrees.split_params(variables["params"])[0])
                   if len(k.shape) == 4]
   if name != "cnn":  # conv + BatchNorm: no conv bias
     flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
@@ -162,7 +162,7 @@ def test_fedbif_trains_every_model_jitted_for_two_clients(name, classes):
     metrics.append(metric)
 
   # Every conv and dense kernel is bit-trained (1 bit each), first and last included.
-  kernels = bits_lib.split_params(variables["params"])[0]
+  kernels = pytrees.split_params(variables["params"])[0]
   sent = jax.tree.map(lambda b: b.values.shape, uplinks[0]["weights"],
                       is_leaf=lambda x: isinstance(x, Bits))
   assert sent == jax.tree.map(lambda k: (1,) + k.shape, kernels)
@@ -279,9 +279,9 @@ def test_first_and_last_kernels_come_from_the_forward_pass():
 def test_full_precision_first_last_predicate():
   model = get_model("resnet18", 10)
   params = _abstract_variables(model)["params"]
-  assert bit_trained_predicate(model, (1,) + CIFAR) is bits_lib.is_kernel
+  assert bit_trained_predicate(model, (1,) + CIFAR) is pytrees.is_kernel
   predicate = bit_trained_predicate(model, (1,) + CIFAR, True)
-  bit, full = bits_lib.split_params(params, predicate)
+  bit, full = pytrees.split_params(params, predicate)
   flat_full = dict(traverse(full))
   assert ("stem_conv", "kernel") in flat_full and ("head", "kernel") in flat_full
   assert len(jax.tree.leaves(bit)) == 19

@@ -42,7 +42,7 @@ from fedbif_jax import data as data_lib
 from fedbif_jax import metrics as metrics_lib
 from fedbif_jax import train as train_lib
 from fedbif_jax.train import train_and_evaluate
-from fedbif_jax.wire import Bits
+from fedbif_jax.pytrees import Bits
 
 
 # ----------------------------------------------------------------------------- recording

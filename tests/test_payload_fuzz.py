@@ -31,7 +31,7 @@ from hypothesis import strategies as st  # noqa: E402
 from fedbif_jax import wire  # noqa: E402
 from fedbif_jax.deploy import payload  # noqa: E402
 from fedbif_jax.deploy.payload import Leaf, PayloadError  # noqa: E402
-from fedbif_jax.wire import Bits  # noqa: E402
+from fedbif_jax.pytrees import Bits  # noqa: E402
 
 CONFIG = "configs/quickstart.py"
 OVERRIDES = ["--config.num_clients=3", "--config.rounds=2", "--config.local_epochs=1"]

@@ -351,3 +351,85 @@ def test_non_positive_or_non_finite_alpha_raises(alpha):
 def test_alpha_array_with_one_non_positive_entry_raises():
   with pytest.raises(ValueError, match=r"^alpha: "):
     quant.dequantize(jnp.ones((2,), jnp.int8), jnp.asarray([0.5, 0.0], jnp.float32))
+
+
+# ----------------------------------------------------------------------------- QSGD levels, FedDQ min-max
+
+
+def test_fedpaq_quantizer_is_unbiased_on_its_grid():
+  x = jnp.array([0.5, -1.0, 0.25, 0.0])
+  keys = jax.random.split(jax.random.key(0), 20000)
+  q, s = jax.vmap(lambda k: quant.quantize_levels(x, 7, k, "max", jnp.int8))(keys)
+  assert float(s[0]) == 1.0
+  # 7 * x = [3.5, -7, 1.75, 0]: rounds to {3, 4}, -7 exactly, {1, 2}, 0 exactly
+  assert set(np.unique(q[:, 0]).tolist()) == {3, 4} and set(np.unique(q[:, 2]).tolist()) == {1, 2}
+  assert np.all(q[:, 1] == -7) and np.all(q[:, 3] == 0)
+  mean = jnp.mean(quant.dequantize_levels(q, 7, s[:, None]), axis=0)
+  np.testing.assert_allclose(mean, x, atol=0.01)
+  l2 = jax.vmap(lambda k: quant.dequantize_levels(*quant.quantize_levels(
+      x, 7, k, "l2", jnp.int8)[0:1], 7, quant.tensor_scale(x, "l2")))(keys)
+  np.testing.assert_allclose(jnp.mean(l2, axis=0), x, atol=0.01)
+
+
+def test_feddq_minmax_quantizer_by_hand():
+  x = jnp.array([0.0, 0.25, 1.0, 0.5])
+  q, f = quant.quantize_minmax(x, jnp.float32(0.0), jnp.float32(1.0), jnp.int32(2))
+  np.testing.assert_allclose(f, 1 / 3)                      # 4 levels over [0, 1]
+  np.testing.assert_array_equal(q, [0, 1, 3, 2])            # 0, 0.75, 3, 1.5 rounded (ties to even)
+  np.testing.assert_allclose(quant.dequantize_minmax(q, f, 0.0), [0, 1 / 3, 1, 2 / 3], atol=1e-6)
+
+
+def test_stochastic_round_is_floor_or_ceil_with_the_fraction_as_probability():
+  y = jnp.full((200_000,), 2.3, jnp.float32)
+  r = quant.stochastic_round(y, jax.random.key(11))
+  assert set(np.unique(np.asarray(r)).tolist()) == {2.0, 3.0}
+  assert abs(float(jnp.mean(r == 3.0)) - 0.3) < 0.005     # 5 sigma ~ 0.005 at n = 2e5
+  exact = quant.stochastic_round(jnp.array([-2.0, 0.0, 5.0]), jax.random.key(0))
+  np.testing.assert_array_equal(exact, [-2.0, 0.0, 5.0])   # integers never move
+  np.testing.assert_array_equal(quant.round_values(jnp.array([0.5, 1.5, -0.6])), [0.0, 2.0, -1.0])
+
+
+def test_qsgd_levels_are_unbiased_on_a_large_random_sample():
+  x = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, 64), jnp.float32)
+  keys = jax.random.split(jax.random.key(21), 4000)
+  q, s = jax.vmap(lambda k: quant.quantize_levels(x, 3, k, "max", jnp.int8))(keys)
+  assert np.all(np.abs(np.asarray(q)) <= 3)
+  mean = np.mean(np.asarray(quant.dequantize_levels(q, 3, s[:, None])), axis=0)
+  # per element the estimate's std is at most (s / L) / 2 / sqrt(4000) ~ 0.0027 (s <= 1, L = 3)
+  np.testing.assert_allclose(mean, np.asarray(x), atol=0.015)
+
+
+def test_qsgd_level_quantizer_hand_values():
+  x = jnp.array([-2.0, 1.0, 0.5, 2.0])
+  assert float(quant.tensor_scale(x, "max")) == 2.0
+  assert float(quant.tensor_scale(jnp.array([3.0, 4.0]), "l2")) == 5.0
+  assert float(quant.tensor_scale(jnp.zeros(3))) == 1.0
+  q, s = quant.quantize_levels(x, 1, jax.random.key(0), "max", jnp.int8)
+  # L x / s = [-1, 0.5, 0.25, 1]: the ends are exact, the middle ones round to 0 or 1
+  assert q.dtype == jnp.int8 and int(q[0]) == -1 and int(q[3]) == 1
+  assert int(q[1]) in (0, 1) and int(q[2]) in (0, 1)
+  np.testing.assert_allclose(quant.dequantize_levels(jnp.array([-3, 1]), 3, 1.5), [-1.5, 0.5])
+  assert quant.level_width(jnp.array([1, 2, 3, 4, 7, 8, 127, 32767])).tolist() == [
+      2, 3, 3, 4, 4, 5, 8, 16]                            # ceil(log2(2L + 1))
+
+
+def test_minmax_quantizer_hand_example_with_offset_range():
+  # lo = -1, hi = 2, 2 bits: 4 levels -1, 0, 1, 2 (f = 1); nearest rounding (ties to even)
+  x = jnp.array([-1.0, -0.4, 0.5, 1.6, 2.0])
+  q, f = quant.quantize_minmax(x, jnp.float32(-1.0), jnp.float32(2.0), jnp.int32(2))
+  assert q.dtype == jnp.uint16 and float(f) == 1.0
+  np.testing.assert_array_equal(q, [0, 1, 2, 3, 3])        # (x + 1) = 0, 0.6, 1.5, 2.6, 3
+  np.testing.assert_allclose(quant.dequantize_minmax(q, f, -1.0), [-1, 0, 1, 2, 2])
+  # a constant tensor: f = 1 and every code 0
+  q, f = quant.quantize_minmax(jnp.full((3,), 0.7), jnp.float32(0.7), jnp.float32(0.7),
+                               jnp.int32(4))
+  assert float(f) == 1.0 and q.tolist() == [0, 0, 0]
+
+
+def test_minmax_stochastic_rounding_is_unbiased():
+  x = jnp.asarray(np.random.default_rng(2).uniform(0, 1, 32), jnp.float32)
+  keys = jax.random.split(jax.random.key(4), 4000)
+  q, f = jax.vmap(lambda k: quant.quantize_minmax(x, jnp.float32(0.0), jnp.float32(1.0),
+                                                  jnp.int32(2), k))(keys)
+  mean = np.mean(np.asarray(quant.dequantize_minmax(q, f[:, None], 0.0)), axis=0)
+  np.testing.assert_allclose(mean, np.asarray(x), atol=0.015)   # f = 1/3: std <= 0.0027

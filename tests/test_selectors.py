@@ -351,7 +351,7 @@ def test_flip_rate_selector_through_fedbifs_broadcast_and_aggregate():
   from fedbif_jax import quant
   from fedbif_jax.algorithms import get_algorithm
   from fedbif_jax.config import base_config
-  from fedbif_jax.wire import Bits
+  from fedbif_jax.pytrees import Bits
   config = base_config()
   config.fedbif.selector = "flip_rate"
   algorithm = get_algorithm(config)

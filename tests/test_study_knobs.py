@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax import bits
 from fedbif_jax import data as data_lib
 from fedbif_jax import lipschitz
@@ -24,7 +25,7 @@ from fedbif_jax import models as models_lib
 from fedbif_jax.algorithms import fedbif as fedbif_lib
 from fedbif_jax.errors import ConfigError
 from fedbif_jax.train import build_job, train_and_evaluate
-from fedbif_jax.wire import Bits
+from fedbif_jax.pytrees import Bits
 
 
 # ------------------------------------------------------------------ virtual bits' init and step
@@ -68,7 +69,7 @@ def _fedbif_gradient(make_config, **fedbif_fields):
   """d loss / d (activated virtual bits) of one leaf, for bits 1 and 3 of m = 4 active."""
   config = make_config(fedbif__active_bits=2, fedbif__selector="fixed", fedbif__fixed_bits=(1, 3),
                        **{f"fedbif__{k}": v for k, v in fedbif_fields.items()})
-  algorithm = fedbif_lib.make(config)
+  algorithm = get_algorithm(config)
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.integers(-8, 8, (6, 5)), jnp.int32)
   downlink = {"weights": {"d": {"kernel": Bits(q, jnp.asarray(4, jnp.int32))}},
@@ -106,7 +107,7 @@ def test_bit_step_scales_the_straight_through_gradient_per_bit(make_config):
 ])
 def test_bad_bit_fields_name_the_field(make_config, field, value, allowed):
   with pytest.raises(ConfigError, match=f"fedbif.{field}: must be {allowed}"):
-    fedbif_lib.make(make_config(**{f"fedbif__{field}": value}))
+    get_algorithm(make_config(**{f"fedbif__{field}": value}))
 
 
 class _MLP(nn.Module):

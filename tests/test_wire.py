@@ -21,7 +21,8 @@ from fedbif_jax import wire
 from fedbif_jax.algorithms import ALGORITHMS, get_algorithm
 from fedbif_jax.algorithms.base import RoundInfo
 from fedbif_jax.models import get_model
-from fedbif_jax.wire import Bits, WireError
+from fedbif_jax.pytrees import Bits, is_bits
+from fedbif_jax.wire import WireError
 
 INT_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32]
 FLOAT_DTYPES = [np.float32, np.float16, np.float64, ml_dtypes.bfloat16]
@@ -220,7 +221,7 @@ def test_every_algorithms_payloads_roundtrip(algorithm):
     data = wire.encode(payload, "entropy")
     _same(wire.decode(data), jax.tree.map(lambda b: Bits(b.values, np.asarray(b.width, np.int32))
                                           if isinstance(b, Bits) else b,
-                                          jax.device_get(payload), is_leaf=wire.is_bits))
+                                          jax.device_get(payload), is_leaf=is_bits))
     assert len(data) == ledger <= packed, name
     assert wire.verify(payload, name, "entropy") == len(data)
     entropy_nodes += data[:4] == wire.MAGIC_ENTROPY

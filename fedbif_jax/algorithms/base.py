@@ -1,4 +1,4 @@
-"""The algorithm interface shared by every federated algorithm, and pytree helpers.
+"""The algorithm interface shared by every federated algorithm.
 
 An `Algorithm` is a NamedTuple of pure functions (in the style of optax's GradientTransformation).
 The engine (`fedbif_jax/train.py`) calls them; it never looks inside the states or payloads:
@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 
 class LocalState(NamedTuple):
@@ -59,11 +58,3 @@ def split_variables(variables: dict) -> tuple[Any, dict]:
   """(params, model_state) of a Flax variables dict."""
   model_state = {k: v for k, v in variables.items() if k != "params"}
   return variables["params"], model_state
-
-
-def weighted_mean(stacked: Any, weights: jax.Array) -> Any:
-  """sum_k weights[k] * tree[k] over the leading client axis of every leaf (weights sum to 1)."""
-  def one(x):
-    w = weights.reshape((-1,) + (1,) * (x.ndim - 1)).astype(jnp.float32)
-    return jnp.sum(w * x.astype(jnp.float32), axis=0).astype(x.dtype)
-  return jax.tree.map(one, stacked)

@@ -22,7 +22,7 @@ Per round:
 1. broadcast - the global model in full precision (32 bpp down), q_t (int32) and kappa (float32).
 2. local training - E epochs of SGD from w^t (the engine's shared local training).
 3. client_finish - per conv/dense kernel, Delta = w_i - w^t is quantized with the unbiased level
-   quantizer (`updates.quantize_levels`, s = max|Delta|, integers in [-q_{t,i}, q_{t,i}]) and sent at
+   quantizer (`quant.quantize_levels`, s = max|Delta|, integers in [-q_{t,i}, q_{t,i}]) and sent at
        ceil(log2(2 q_{t,i} + 1)) bits per element
    with s (float32) per tensor and q_{t,i} (int32) in the header; biases and BatchNorm statistics
    travel in full precision.
@@ -40,10 +40,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedbif_jax import bits as bits_lib
+from fedbif_jax import pytrees, quant
 from fedbif_jax.algorithms import base, updates
-from fedbif_jax.errors import check
-from fedbif_jax.wire import Bits, is_bits
+from fedbif_jax.errors import check, check_int
+from fedbif_jax.pytrees import Bits, is_bits
 
 MAX_LEVELS = 2 ** 15 - 1   # integers in [-q, q] stored as int16
 
@@ -89,21 +89,19 @@ def update_levels(levels: dict, loss: jax.Array, phi: int, psi: float, q_max: in
           "last_increase": jnp.where(stalled, t, levels["last_increase"]).astype(jnp.int32)}
 
 
-def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
-  """DAdaQuant from `config.dadaquant` (phi, psi, q_min, q_max, client_adaptive)."""
-  cfg = config.dadaquant
-  phi, psi = cfg.phi, cfg.psi
-  q_min, q_max = cfg.q_min, cfg.get("q_max", MAX_LEVELS)
-  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-  check(is_int(phi) and phi >= 1, "dadaquant.phi", "an integer >= 1 (rounds)", phi)
+def make(predicate=pytrees.is_kernel, *, phi, psi, q_min, q_max, client_adaptive,
+         local_epochs) -> base.Algorithm:
+  """DAdaQuant with the module docstring's choices (the defaults are `config.base_config`'s
+  ``dadaquant`` section); `local_epochs`, the run's E, turns a client's processed examples into
+  its n_i. Raises ConfigError naming a bad field."""
+  check_int("dadaquant.phi", phi, 1, allowed="an integer >= 1 (rounds)")
   check(isinstance(psi, (int, float)) and not isinstance(psi, bool) and 0 <= psi < 1,
         "dadaquant.psi", "a number in [0, 1)", psi)
-  check(is_int(q_min) and 1 <= q_min <= MAX_LEVELS, "dadaquant.q_min",
-        f"an integer in 1..{MAX_LEVELS}", q_min)
-  check(is_int(q_max) and q_min <= q_max <= MAX_LEVELS, "dadaquant.q_max",
-        f"an integer in dadaquant.q_min={q_min}..{MAX_LEVELS}", q_max)
-  adaptive = bool(cfg.get("client_adaptive", True))
-  epochs = config.get("local_epochs", 1)
+  check_int("dadaquant.q_min", q_min, 1, MAX_LEVELS)
+  check_int("dadaquant.q_max", q_max, q_min, MAX_LEVELS,
+            f"an integer in dadaquant.q_min={q_min}..{MAX_LEVELS}")
+  adaptive = bool(client_adaptive)
+  epochs = local_epochs
 
   def init(key, variables):
     del key
@@ -123,10 +121,10 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
       q = client_levels(downlink["kappa"], stats["count"] / epochs, q_max)
     else:
       q = downlink["levels"]
-    width = updates.level_width(q)
+    width = quant.level_width(q)
     delta, other = updates.local_update(downlink["weights"], local.trainable, predicate)
-    ints, scale = updates.unzip(updates.map_with_keys(
-        lambda k, d: updates.quantize_levels(d, q, k, "max", jnp.int16), key, delta))
+    ints, scale = pytrees.unzip(pytrees.map_with_keys(
+        lambda k, d: quant.quantize_levels(d, q, k, "max", jnp.int16), key, delta))
     uplink = {"weights": jax.tree.map(lambda x: Bits(x, width), ints), "scale": scale,
               "levels": q, "other": other, "model_state": local.model_state}
     return uplink, client_state
@@ -135,9 +133,9 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     del downlink
     q = uplinks["levels"]   # int32 [C]
     mean_delta = jax.tree.map(
-        lambda b, s: updates.weighted_sum_over_clients(
-            updates.dequantize_levels(b.values, updates.client_axis(q, b.values),
-                                      updates.client_axis(s, b.values)), weights),
+        lambda b, s: pytrees.weighted_sum(
+            quant.dequantize_levels(b.values, pytrees.client_axis(q, b.values),
+                                    pytrees.client_axis(s, b.values)), weights),
         uplinks["weights"], uplinks["scale"], is_leaf=is_bits)
     params, model_state = updates.apply_mean_update(state, mean_delta, uplinks, weights, predicate)
     loss = jnp.sum(client_metrics["loss_sum"]) / jnp.maximum(jnp.sum(client_metrics["count"]), 1.0)

@@ -7,13 +7,13 @@ the identity: the client sends its whole model.
 """
 from __future__ import annotations
 
-from fedbif_jax import bits as bits_lib
+from fedbif_jax import pytrees
 from fedbif_jax.algorithms import base, updates
 
 
-def make(config=None, predicate=bits_lib.is_kernel) -> base.Algorithm:
-  """FedAvg. `predicate` only decides which leaves the ledger reports as "weights" (bpp)."""
-  del config
+def make(predicate=pytrees.is_kernel) -> base.Algorithm:
+  """FedAvg (no hyperparameters). `predicate` only decides which leaves the ledger reports as
+  "weights" (bpp)."""
 
   def client_finish(downlink, client_state, local, key, stats):
     del downlink, key, stats
@@ -22,8 +22,8 @@ def make(config=None, predicate=bits_lib.is_kernel) -> base.Algorithm:
 
   def aggregate(state, downlink, uplinks, weights, client_metrics):
     del state, downlink, client_metrics
-    mean = base.weighted_mean(uplinks, weights)
-    params = bits_lib.merge_params(mean["weights"], mean["other"])
+    mean = pytrees.weighted_mean(uplinks, weights)
+    params = pytrees.merge_params(mean["weights"], mean["other"])
     return {"params": params, "model_state": mean["model_state"]}
 
   return updates.update_quantizer("fedavg", predicate, client_finish, aggregate)

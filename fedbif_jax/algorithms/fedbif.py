@@ -87,18 +87,17 @@ with its activated bits, and the server keeps the aggregated step in its state:
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
-import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 
 from fedbif_jax import bits as bits_lib
+from fedbif_jax import pytrees
 from fedbif_jax import quant
 from fedbif_jax import selectors
 from fedbif_jax.algorithms import base
-from fedbif_jax.errors import ConfigError, check, check_positive_number
-from fedbif_jax.wire import Bits, is_bits
+from fedbif_jax.errors import ConfigError, check, check_one_of, check_positive_number
+from fedbif_jax.pytrees import Bits, is_bits
 
 
 # Per-bit step rules: every activated bit at the same scale, or bit i's step scaled by 2^-i.
@@ -228,8 +227,7 @@ def _mean_active_part(active_bits, active, alpha, weights) -> jax.Array:
   s = active_bits.shape[1]
   _check_mask_count(active, s)
   idx = selectors.active_indices(active, s)
-  w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (active_bits.ndim - 2))
-  mean_active = jnp.sum(w[:, None] * active_bits.astype(jnp.float32), axis=0)   # [s, ...]
+  mean_active = pytrees.weighted_sum(active_bits.astype(jnp.float32), weights)   # [s, ...]
   return jnp.tensordot(2.0 ** idx.astype(jnp.float32), mean_active, axes=1)
 
 
@@ -272,49 +270,37 @@ def aggregate_by_recovery(active_bits: jax.Array, frozen_bits: jax.Array, active
   _check_client_weights(weights, active_bits.shape[0])
   full = recover_client_bits(active_bits, frozen_bits, active)
   ints = jax.vmap(lambda b: quant.from_bits(b, m, encoding))(full).astype(jnp.float32)
-  w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (ints.ndim - 1))
-  return alpha * jnp.sum(w * ints, axis=0)
+  return alpha * pytrees.weighted_sum(ints, weights)
 
 
-def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
-  """FedBiF from a `config.fedbif` ConfigDict (bits, active_bits, selector, order, fixed_bits,
-  encoding, vbi, bit_lr_scale, bit_step, bit_init, step, step_lr_scale). Validates it eagerly;
-  raises ValueError naming the field."""
-  cfg = config.fedbif
-  encoding = cfg.get("encoding", "offset")
-  check(encoding in quant.ENCODINGS, "fedbif.encoding", f"one of {', '.join(quant.ENCODINGS)}",
-        encoding)
-  m = quant.check_bits(cfg.bits, "fedbif.bits", encoding)
-  s = selectors.check_active_bits(m, cfg.active_bits, "fedbif.active_bits")
-  name = cfg.get("selector", "sequential")
-  order = cfg.get("order", "msb_first")
-  check(name in selectors.SELECTORS, "fedbif.selector", f"one of {', '.join(selectors.SELECTORS)}",
-        name)
-  check(order in selectors.ORDERS, "fedbif.order", f"one of {', '.join(selectors.ORDERS)}", order)
-  if name == "sequential":
+def make(predicate=pytrees.is_kernel, *, bits, active_bits, selector, order, fixed_bits,
+         encoding, vbi, bit_lr_scale, bit_step, bit_init, step, step_lr_scale) -> base.Algorithm:
+  """FedBiF with m = `bits`, s = `active_bits` and the module docstring's choices (the defaults,
+  each field commented, are `config.base_config`'s ``fedbif`` section). Validates every field
+  eagerly; raises ValueError (ConfigError) naming the field."""
+  check_one_of("fedbif.encoding", encoding, quant.ENCODINGS)
+  m = quant.check_bits(bits, "fedbif.bits", encoding)
+  s = selectors.check_active_bits(m, active_bits, "fedbif.active_bits")
+  check_one_of("fedbif.selector", selector, selectors.SELECTORS)
+  check_one_of("fedbif.order", order, selectors.ORDERS)
+  if selector == "sequential":
     check(m % s == 0, "fedbif.active_bits",
           f"a divisor of fedbif.bits={m} for the sequential selector", s)
-  fixed_bits: Sequence[int] | None = tuple(cfg.get("fixed_bits", ())) or None
-  stateful_selector = name in selectors.STATEFUL_SELECTORS
+  fixed_bits = tuple(fixed_bits) or None
+  stateful_selector = selector in selectors.STATEFUL_SELECTORS
   try:
     select = (None if stateful_selector else
-              selectors.make_selector(name, m, s, order, fixed_bits))
+              selectors.make_selector(selector, m, s, order, fixed_bits))
   except ValueError as e:  # the fixed selector's bits
     raise ConfigError(f"fedbif.{'fixed_bits' if fixed_bits else 'active_bits'}: "
                       f"{str(e).split(': ', 1)[1]}") from None
-  use_vbi = bool(cfg.get("vbi", True))
-  bit_lr_scale = cfg.get("bit_lr_scale", 1.0)
+  use_vbi = bool(vbi)
   check_positive_number("fedbif.bit_lr_scale", bit_lr_scale)
-  bit_step = cfg.get("bit_step", "uniform")
-  check(bit_step in BIT_STEPS, "fedbif.bit_step", f"one of {', '.join(BIT_STEPS)}", bit_step)
-  bit_init = cfg.get("bit_init", "fan_in")
-  check(bit_init in bits_lib.BIT_INITS, "fedbif.bit_init",
-        f"one of {', '.join(bits_lib.BIT_INITS)}", bit_init)
+  check_one_of("fedbif.bit_step", bit_step, BIT_STEPS)
+  check_one_of("fedbif.bit_init", bit_init, bits_lib.BIT_INITS)
   scaled_steps = bit_lr_scale != 1.0 or bit_step != "uniform"
-  step = cfg.get("step", "max_abs")
-  check(step in STEPS, "fedbif.step", f"one of {', '.join(STEPS)}", step)
+  check_one_of("fedbif.step", step, STEPS)
   learned = step == "learned"
-  step_lr_scale = cfg.get("step_lr_scale", 1.0)
   check_positive_number("fedbif.step_lr_scale", step_lr_scale)
   check(learned or step_lr_scale == 1.0, "fedbif.step_lr_scale",
         "1.0 unless fedbif.step=learned (it scales the learned step's gradient)", step_lr_scale)
@@ -330,7 +316,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     if stateful_selector:  # the flip_rate selector's per-plane statistics (server only)
       state["selector"] = selectors.flip_rate_init(m)
     if learned:  # the aggregated step sizes; round 0 broadcasts Eq. 5's
-      state["alpha"] = max_abs_steps(bits_lib.split_params(params, predicate)[0])
+      state["alpha"] = max_abs_steps(pytrees.split_params(params, predicate)[0])
     return state
 
   def select_bits(state, key):
@@ -345,15 +331,12 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   def broadcast(state, key, info):
     del info
     k_select, k_round = jax.random.split(key)
-    weights, other = bits_lib.split_params(state["params"], predicate)
-    flat = traverse_util.flatten_dict(weights)
-    alphas = traverse_util.flatten_dict(state["alpha"] if learned else max_abs_steps(weights))
-    ints = {}
-    for i, path in enumerate(sorted(flat)):
-      q = quant.quantize(flat[path], alphas[path], m, jax.random.fold_in(k_round, i), encoding)
-      ints[path] = Bits(q, jnp.asarray(m, jnp.int32))
-    return {"weights": traverse_util.unflatten_dict(ints),
-            "alpha": traverse_util.unflatten_dict(alphas),
+    weights, other = pytrees.split_params(state["params"], predicate)
+    alphas = state["alpha"] if learned else max_abs_steps(weights)
+    ints = pytrees.map_with_keys(   # leaf i (sorted paths) rounds with fold_in(k_round, i)
+        lambda k, w, alpha: Bits(quant.quantize(w, alpha, m, k, encoding),
+                                 jnp.asarray(m, jnp.int32)), k_round, weights, alphas)
+    return {"weights": ints, "alpha": alphas,
             "other": other, "model_state": state["model_state"],
             "active": select_bits(state, k_select)}
 
@@ -414,7 +397,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
 
     weights = jax.tree.map(leaf, trainable["active_bits"], client_steps(trainable, downlink),
                            downlink["weights"], is_leaf=is_bits)
-    return bits_lib.merge_params(weights, trainable["other"])
+    return pytrees.merge_params(weights, trainable["other"])
 
   def client_finish(downlink, client_state, local, key, stats):
     del client_state, key, stats
@@ -448,9 +431,9 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
       client_weights = jax.tree.map(lambda _: weights, alphas)
     new_weights = jax.tree.map(fold, uplinks["weights"], downlink["weights"], alphas,
                                client_weights, is_leaf=is_bits)
-    other = base.weighted_mean(uplinks["other"], weights)
-    new_state = {"params": bits_lib.merge_params(new_weights, other),
-                 "model_state": base.weighted_mean(uplinks["model_state"], weights),
+    other = pytrees.weighted_mean(uplinks["other"], weights)
+    new_state = {"params": pytrees.merge_params(new_weights, other),
+                 "model_state": pytrees.weighted_mean(uplinks["model_state"], weights),
                  "round": state["round"] + 1}
     if learned:
       new_state["alpha"] = alphas

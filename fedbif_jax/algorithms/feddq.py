@@ -8,10 +8,10 @@ model updates decreases"; the formulas are those of FedDQ's official code, docs/
    and the fixed resolution rho (``feddq.resolution``):
        bits = clip(max(ceil(log2(r / rho)), 2), 2, max_bits)       (r = 0 -> 2 bits)
        f = r / (2^bits - 1),   q = round((Delta - min(Delta)) / f) in [0, 2^bits - 1]
-   (asymmetric min-max quantization). The client sends q at `bits` bits per element (its own
-   width, per tensor and per round: the per-client bit widths of the ledger), min(Delta) and f as
-   float32 per tensor, and its biases and BatchNorm statistics in full precision. As the model
-   converges the updates shrink, r falls, and so does the bit width.
+   (asymmetric min-max quantization, `quant.quantize_minmax`). The client sends q at `bits` bits
+   per element (its own width, per tensor and per round: the per-client bit widths of the
+   ledger), min(Delta) and f as float32 per tensor, and its biases and BatchNorm statistics in
+   full precision. As the model converges the updates shrink, r falls, and so does the bit width.
 4. aggregate - w^{t+1} = w^t + sum_k p_k (q_k f_k + min_k) on the kernels; FedAvg on the rest.
 
 Choices (config fields):
@@ -32,10 +32,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedbif_jax import bits as bits_lib
+from fedbif_jax import pytrees, quant
 from fedbif_jax.algorithms import base, updates
-from fedbif_jax.errors import check, check_positive_number
-from fedbif_jax.wire import Bits, is_bits
+from fedbif_jax.errors import check_int, check_one_of, check_positive_number
+from fedbif_jax.pytrees import Bits, is_bits
 
 GRANULARITIES = ("tensor", "model")
 ROUNDINGS = ("nearest", "stochastic")
@@ -53,46 +53,14 @@ def bit_width(value_range: jax.Array, resolution: float, max_bits: int = MAX_BIT
   return jnp.clip(raw, 2, max_bits).astype(jnp.int32)
 
 
-def quantize_minmax(x: jax.Array, lo: jax.Array, hi: jax.Array, bits: jax.Array,
-                    key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Asymmetric min-max quantization of x onto 2^bits levels spanning [lo, hi].
-
-  Args:
-    x: float array [...] with lo <= x <= hi.
-    lo, hi: float32 scalars; bits: int32 scalar in 2..16 (may be traced).
-    key: None rounds to nearest; a key rounds stochastically (unbiased).
-  Returns:
-    (q uint16 [...] in [0, 2^bits - 1], f float32 scalar); x ~ q * f + lo. f = 1 when hi == lo.
-  """
-  top = (2.0 ** bits.astype(jnp.float32)) - 1.0
-  f = jnp.where(hi > lo, (hi - lo) / top, 1.0).astype(jnp.float32)
-  y = jnp.clip((x.astype(jnp.float32) - lo) / f, 0.0, top)
-  if key is None:
-    q = jnp.round(y)
-  else:
-    floor = jnp.floor(y)
-    q = floor + (jax.random.uniform(key, y.shape, jnp.float32) < (y - floor)).astype(jnp.float32)
-  return jnp.clip(q, 0.0, top).astype(jnp.uint16), f
-
-
-def dequantize_minmax(q: jax.Array, f: jax.Array, lo: jax.Array) -> jax.Array:
-  """q * f + lo, float32 with q's shape."""
-  return q.astype(jnp.float32) * f + lo
-
-
-def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
-  """FedDQ from `config.feddq` (resolution, granularity, rounding, max_bits)."""
-  cfg = config.feddq
-  resolution = cfg.resolution
+def make(predicate=pytrees.is_kernel, *, resolution, granularity, rounding, max_bits
+         ) -> base.Algorithm:
+  """FedDQ with the module docstring's choices (the defaults are `config.base_config`'s
+  ``feddq`` section). Raises ConfigError naming a bad field."""
   check_positive_number("feddq.resolution", resolution)
-  granularity = cfg.get("granularity", "tensor")
-  check(granularity in GRANULARITIES, "feddq.granularity", f"one of {', '.join(GRANULARITIES)}",
-        granularity)
-  rounding = cfg.get("rounding", "nearest")
-  check(rounding in ROUNDINGS, "feddq.rounding", f"one of {', '.join(ROUNDINGS)}", rounding)
-  max_bits = cfg.get("max_bits", MAX_BITS)
-  check(isinstance(max_bits, int) and not isinstance(max_bits, bool) and 2 <= max_bits <= MAX_BITS,
-        "feddq.max_bits", f"an integer in 2..{MAX_BITS}", max_bits)
+  check_one_of("feddq.granularity", granularity, GRANULARITIES)
+  check_one_of("feddq.rounding", rounding, ROUNDINGS)
+  check_int("feddq.max_bits", max_bits, 2, MAX_BITS)
 
   def client_finish(downlink, client_state, local, key, stats):
     del stats
@@ -104,19 +72,19 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
     def one(k, d):
       lo, hi = (jnp.min(d), jnp.max(d)) if granularity == "tensor" else (model_lo, model_hi)
       bits = bit_width(hi - lo, resolution, max_bits)
-      q, f = quantize_minmax(d, lo, hi, bits, k if rounding == "stochastic" else None)
+      q, f = quant.quantize_minmax(d, lo, hi, bits, k if rounding == "stochastic" else None)
       return Bits(q, bits), lo, f
 
-    q, lo, f = updates.unzip(updates.map_with_keys(one, key, delta))
+    q, lo, f = pytrees.unzip(pytrees.map_with_keys(one, key, delta))
     uplink = {"weights": q, "min": lo, "step": f, "other": other, "model_state": local.model_state}
     return uplink, client_state
 
   def aggregate(state, downlink, uplinks, weights, client_metrics):
     del downlink, client_metrics
     mean_delta = jax.tree.map(
-        lambda b, lo, f: updates.weighted_sum_over_clients(
-            dequantize_minmax(b.values, updates.client_axis(f, b.values),
-                              updates.client_axis(lo, b.values)), weights),
+        lambda b, lo, f: pytrees.weighted_sum(
+            quant.dequantize_minmax(b.values, pytrees.client_axis(f, b.values),
+                                    pytrees.client_axis(lo, b.values)), weights),
         uplinks["weights"], uplinks["min"], uplinks["step"], is_leaf=is_bits)
     params, model_state = updates.apply_mean_update(state, mean_delta, uplinks, weights, predicate)
     return {"params": params, "model_state": model_state}

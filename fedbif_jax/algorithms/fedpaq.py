@@ -4,7 +4,7 @@ Round t (FedBiF paper, Sec. 4.1 "Baseline Methods"; Table 1 runs FedPAQ at 4 bpp
 1. broadcast - the global model w^t in full precision (32 bpp down).
 2. local training - E epochs of SGD from w^t (the engine's shared local training).
 3. client_finish - per conv/dense kernel, Delta_k = w_k - w^t is quantized with the unbiased
-   level quantizer of QSGD (`updates.quantize_levels`),
+   level quantizer of QSGD (`quant.quantize_levels`),
        q = floor(L Delta / s) + Bernoulli(frac(L Delta / s)) in [-L, L],  L = 2^(b-1) - 1,
    with s = max|Delta| (``fedpaq.norm="max"``, the default) or s = ||Delta||_2 (``"l2"``, the
    quantizer as printed in the FedPAQ paper). The client sends q at b bits per element
@@ -28,10 +28,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fedbif_jax import bits as bits_lib
+from fedbif_jax import pytrees, quant
 from fedbif_jax.algorithms import base, updates
-from fedbif_jax.errors import check
-from fedbif_jax.wire import Bits, is_bits
+from fedbif_jax.errors import check_int, check_one_of
+from fedbif_jax.pytrees import Bits, is_bits
 
 
 def levels_for_bits(b: int) -> int:
@@ -39,23 +39,21 @@ def levels_for_bits(b: int) -> int:
   return 2 ** (b - 1) - 1
 
 
-def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
-  """FedPAQ from `config.fedpaq` (bits, norm); raises ConfigError naming the field."""
-  cfg = config.fedpaq
-  b = cfg.bits
-  check(isinstance(b, int) and not isinstance(b, bool) and 2 <= b <= 8, "fedpaq.bits",
-        "an integer in 2..8", b)
-  norm = cfg.get("norm", "max")
-  check(norm in updates.NORMS, "fedpaq.norm", f"one of {', '.join(updates.NORMS)}", norm)
+def make(predicate=pytrees.is_kernel, *, bits, norm) -> base.Algorithm:
+  """FedPAQ with b = `bits` and the scale `norm` (module docstring; the defaults are
+  `config.base_config`'s ``fedpaq`` section). Raises ConfigError naming a bad field."""
+  check_int("fedpaq.bits", bits, 2, 8)
+  check_one_of("fedpaq.norm", norm, quant.NORMS)
+  b = bits
   levels = levels_for_bits(b)
   assert math.ceil(math.log2(2 * levels + 1)) == b
 
   def client_finish(downlink, client_state, local, key, stats):
     del stats
     delta, other = updates.local_update(downlink["weights"], local.trainable, predicate)
-    quantized = updates.map_with_keys(
-        lambda k, d: updates.quantize_levels(d, levels, k, norm, jnp.int8), key, delta)
-    ints, scale = updates.unzip(quantized)
+    quantized = pytrees.map_with_keys(
+        lambda k, d: quant.quantize_levels(d, levels, k, norm, jnp.int8), key, delta)
+    ints, scale = pytrees.unzip(quantized)
     q = jax.tree.map(lambda x: Bits(x, jnp.asarray(b, jnp.int32)), ints)
     uplink = {"weights": q, "scale": scale, "other": other, "model_state": local.model_state}
     return uplink, client_state
@@ -63,8 +61,8 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   def aggregate(state, downlink, uplinks, weights, client_metrics):
     del downlink, client_metrics
     mean_delta = jax.tree.map(
-        lambda bits, s: updates.weighted_sum_over_clients(
-            updates.dequantize_levels(bits.values, levels, updates.client_axis(s, bits.values)),
+        lambda q, s: pytrees.weighted_sum(
+            quant.dequantize_levels(q.values, levels, pytrees.client_axis(s, q.values)),
             weights),
         uplinks["weights"], uplinks["scale"], is_leaf=is_bits)
     params, model_state = updates.apply_mean_update(state, mean_delta, uplinks, weights, predicate)

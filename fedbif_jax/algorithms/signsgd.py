@@ -33,10 +33,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fedbif_jax import bits as bits_lib
+from fedbif_jax import pytrees
 from fedbif_jax.algorithms import base
-from fedbif_jax.errors import check, check_positive_number
-from fedbif_jax.wire import Bits, is_bits
+from fedbif_jax.errors import check, check_one_of, check_positive_number
+from fedbif_jax.pytrees import Bits, is_bits
 
 TIE_BREAKS = ("random", "positive")
 
@@ -71,21 +71,22 @@ def apply_vote(weights: dict, vote: dict, step: jax.Array) -> dict:
       weights, vote)
 
 
-def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
-  """SignSGD from `config.signsgd` (server_lr, tie_break); raises ConfigError naming the field."""
-  cfg = config.signsgd
-  server_lr = cfg.server_lr
+def make(predicate=pytrees.is_kernel, *, server_lr, tie_break, num_clients,
+         clients_per_round) -> base.Algorithm:
+  """SignSGD with the server step `server_lr` and `tie_break` (module docstring; the defaults
+  are `config.base_config`'s ``signsgd`` section). `num_clients` and `clients_per_round`, the
+  run's, must say that every client takes part in every round. Raises ConfigError naming a bad
+  field."""
   check_positive_number("signsgd.server_lr", server_lr)
-  tie_break = cfg.get("tie_break", "random")
-  check(tie_break in TIE_BREAKS, "signsgd.tie_break", f"one of {', '.join(TIE_BREAKS)}", tie_break)
-  cpr = config.get("clients_per_round", 0)
-  check(cpr in (0, config.get("num_clients", cpr)), "clients_per_round",
-        f"0 or num_clients={config.get('num_clients')} for algorithm signsgd (clients keep the "
-        "model and receive only 1-bit votes, so every client must take part in every round)", cpr)
+  check_one_of("signsgd.tie_break", tie_break, TIE_BREAKS)
+  check(clients_per_round in (0, num_clients), "clients_per_round",
+        f"0 or num_clients={num_clients} for algorithm signsgd (clients keep the "
+        "model and receive only 1-bit votes, so every client must take part in every round)",
+        clients_per_round)
 
   def init(key, variables):
     params, model_state = base.split_variables(variables)
-    kernels, _ = bits_lib.split_params(params, predicate)
+    kernels, _ = pytrees.split_params(params, predicate)
     return {"params": params, "model_state": model_state,
             "vote": jax.tree.map(lambda w: jnp.ones(w.shape, jnp.uint8), kernels),
             "step": jnp.zeros((), jnp.float32),   # round 0 has no vote to apply
@@ -93,12 +94,12 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
 
   def init_client(key, variables):
     del key
-    kernels, _ = bits_lib.split_params(variables["params"], predicate)
+    kernels, _ = pytrees.split_params(variables["params"], predicate)
     return {"weights": kernels}
 
   def broadcast(state, key, info):
     del key, info
-    _, other = bits_lib.split_params(state["params"], predicate)
+    _, other = pytrees.split_params(state["params"], predicate)
     return {"weights": jax.tree.map(lambda v: Bits(v, jnp.asarray(1, jnp.int32)), state["vote"]),
             "step": state["step"], "other": other, "model_state": state["model_state"]}
 
@@ -111,7 +112,7 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
 
   def client_start(downlink, client_state, key):
     del key
-    params = bits_lib.merge_params(current_weights(downlink, client_state), downlink["other"])
+    params = pytrees.merge_params(current_weights(downlink, client_state), downlink["other"])
     return base.LocalState(trainable=params, model_state=downlink["model_state"])
 
   def model_params(trainable, downlink):
@@ -121,26 +122,23 @@ def make(config, predicate=bits_lib.is_kernel) -> base.Algorithm:
   def client_finish(downlink, client_state, local, key, stats):
     del stats
     start = current_weights(downlink, client_state)
-    local_weights, other = bits_lib.split_params(local.trainable, predicate)
+    local_weights, other = pytrees.split_params(local.trainable, predicate)
     deltas = jax.tree.map(lambda w, g: w - g, local_weights, start)
-    leaves, treedef = jax.tree.flatten(deltas)   # sorted paths; leaf i draws fold_in(key, i)
-    bits = [sign_bits(d, jax.random.fold_in(key, i), tie_break) for i, d in enumerate(leaves)]
-    uplink = {"weights": jax.tree.unflatten(treedef, [Bits(b, jnp.asarray(1, jnp.int32))
-                                                      for b in bits]),
-              "other": other, "model_state": local.model_state}
+    signs = pytrees.map_with_keys(   # sorted paths; leaf i draws fold_in(key, i)
+        lambda k, d: Bits(sign_bits(d, k, tie_break), jnp.asarray(1, jnp.int32)), key, deltas)
+    uplink = {"weights": signs, "other": other, "model_state": local.model_state}
     return uplink, {"weights": start}
 
   def aggregate(state, downlink, uplinks, weights, client_metrics):
     del downlink, client_metrics
     tie_key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), state["round"])
-    ups, treedef = jax.tree.flatten(uplinks["weights"], is_leaf=is_bits)
-    vote = jax.tree.unflatten(treedef, [majority_vote(u.values, jax.random.fold_in(tie_key, i),
-                                                      tie_break) for i, u in enumerate(ups)])
+    vote = pytrees.map_with_keys(lambda k, u: majority_vote(u.values, k, tie_break), tie_key,
+                                 uplinks["weights"])
     step = jnp.asarray(server_lr, jnp.float32)
-    kernels, _ = bits_lib.split_params(state["params"], predicate)
-    other = base.weighted_mean(uplinks["other"], weights)
-    return {"params": bits_lib.merge_params(apply_vote(kernels, vote, step), other),
-            "model_state": base.weighted_mean(uplinks["model_state"], weights),
+    kernels, _ = pytrees.split_params(state["params"], predicate)
+    other = pytrees.weighted_mean(uplinks["other"], weights)
+    return {"params": pytrees.merge_params(apply_vote(kernels, vote, step), other),
+            "model_state": pytrees.weighted_mean(uplinks["model_state"], weights),
             "vote": vote, "step": step, "key": state["key"], "round": state["round"] + 1}
 
   def eval_variables(state):

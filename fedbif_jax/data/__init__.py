@@ -2,6 +2,7 @@
 
 from fedbif_jax.data.augment import augment_batch
 from fedbif_jax.data.augment import AUGMENTATIONS
+from fedbif_jax.data.augment import normalize
 from fedbif_jax.data.augment import random_crop_flip
 from fedbif_jax.data.batching import eval_batches
 from fedbif_jax.data.batching import round_batches
@@ -32,6 +33,7 @@ __all__ = [
     "eval_batches",
     "iid_partition",
     "load_dataset",
+    "normalize",
     "partition",
     "random_crop_flip",
     "round_batches",

@@ -1,4 +1,5 @@
-"""Training-time augmentation in JAX, applied per client batch with the client's step key.
+"""Image preprocessing in JAX: normalisation, and training-time augmentation applied per client
+batch with the client's step key.
 
 ``data.augment``:
 
@@ -12,6 +13,9 @@
 
 Pure functions of (key, images): the same key gives the same batch on every backend, and each
 client and step draws its own (`fedbif_jax/client.py` passes the per-step key).
+
+`normalize` turns the (augmented) uint8 images into the model's float32 input, for local
+training (`fedbif_jax/client.py`) and evaluation (`fedbif_jax/metrics.py`) alike.
 """
 from __future__ import annotations
 
@@ -60,3 +64,8 @@ def augment_batch(name: str, key: jax.Array, x: jax.Array) -> jax.Array:
   if name == "crop_flip":
     return random_crop_flip(key, x)
   return x
+
+
+def normalize(x_uint8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  """uint8 images [..., C] -> float32 (x / 255 - mean) / std, per channel."""
+  return (x_uint8.astype(jnp.float32) / 255.0 - mean) / std

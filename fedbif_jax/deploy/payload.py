@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedbif_jax import wire
-from fedbif_jax.wire import Bits
+from fedbif_jax.pytrees import Bits
 
 
 class PayloadError(ValueError):

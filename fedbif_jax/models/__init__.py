@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedbif_jax import bits as bits_lib
+from fedbif_jax import pytrees
 from fedbif_jax import registry
 from fedbif_jax.errors import check
 from fedbif_jax.models.cnn import SmallCNN, SmallCNNBN
@@ -95,21 +95,21 @@ def kernel_call_order(model: nn.Module, input_shape: Sequence[int]) -> list[tupl
 
 
 def bit_trained_predicate(model: nn.Module, input_shape: Sequence[int],
-                          full_precision_first_last: bool = False) -> bits_lib.Predicate:
+                          full_precision_first_last: bool = False) -> pytrees.Predicate:
   """The predicate (path, leaf) -> bool of the params leaves FedBiF bit-trains.
 
-  Every conv and dense kernel (`bits.is_kernel`); with `full_precision_first_last`, all but the
+  Every conv and dense kernel (`pytrees.is_kernel`); with `full_precision_first_last`, all but the
   first and the last kernel of the forward pass (`kernel_call_order`), which then travel in full
   precision like biases and BatchNorm leaves (never bit-trained).
   """
   check(isinstance(full_precision_first_last, bool), "fedbif.full_precision_first_last",
         "True or False", full_precision_first_last)
   if not full_precision_first_last:
-    return bits_lib.is_kernel
+    return pytrees.is_kernel
   order = kernel_call_order(model, input_shape)
   excluded = frozenset({order[0], order[-1]}) if order else frozenset()
 
   def predicate(path, leaf) -> bool:
-    return bits_lib.is_kernel(path, leaf) and tuple(path) not in excluded
+    return pytrees.is_kernel(path, leaf) and tuple(path) not in excluded
 
   return predicate
