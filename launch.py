@@ -4,7 +4,8 @@ A thin shell over `fedbif_jax.train.train_and_evaluate`. Bad input prints one li
 field (exit 2); a diverged run prints why (exit 3); neither dumps a traceback.
 
 On CPU it first splits the machine into ``config.cpu_devices`` host devices (default one per core),
-so that the sequential backend trains that many clients at once (fedbif_jax/parallel.py).
+so that the sequential backend trains that many clients at once (fedbif_jax/devices.py,
+fedbif_jax/parallel.py).
 
 Multi-process (multi-host) runs: start the same command once per process with
 ``--config.distributed.enabled=True`` and the coordinator's address, the process count and each
@@ -87,9 +88,9 @@ def main(argv):
     print("error: --config and --workdir are required, e.g. "
           "python launch.py --config=configs/quickstart.py --workdir=/tmp/quickstart", file=sys.stderr)
     sys.exit(2)
-  from fedbif_jax import parallel
+  from fedbif_jax import devices
   try:  # before JAX starts: the CPU as `cpu_devices` host devices for the sequential backend
-    parallel.split_cpu(FLAGS.config.cpu_devices)
+    devices.split_cpu(FLAGS.config.cpu_devices)
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

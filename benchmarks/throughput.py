@@ -41,7 +41,9 @@ import optax
 
 
 import conv_grad  # benchmarks/, this script's directory
-from fedbif_jax import parallel, xla_options
+from fedbif_jax import devices as devices_lib
+from fedbif_jax import parallel
+from fedbif_jax import rounds as rounds_lib
 from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax.algorithms.base import RoundInfo
 from fedbif_jax.client import Batches, TrainData, make_local_training
@@ -111,37 +113,41 @@ def bench_ours(model_name: str, algorithm: str, backend: str, clients: int, per_
   algo = get_algorithm(config)
   local = make_local_training(algo, model, optax.sgd(config.lr), MEAN, STD)
   runner = parallel.make_runner(backend, local, unroll, client_devices)
-  broadcast = xla_options.jit(algo.broadcast, "server")  # as train.py
-  aggregate = xla_options.jit(algo.aggregate, "server")
   data = runner.place(TrainData(x, y))
   parts = [np.arange(c * per_client, (c + 1) * per_client) for c in range(clients)]
   states = jax.tree.map(lambda *s: np.stack(s), *[
       jax.device_get(algo.init_client(jax.random.key(c), variables)) for c in range(clients)])
-  # Committed to the first device, as train.py keeps it: the same placement every round.
-  server = jax.device_put(algo.init(jax.random.key(1), variables), jax.local_devices()[0])
   info = RoundInfo(jnp.full((clients,), 1.0 / clients), jnp.full((clients,), float(per_client)))
   keys = jax.random.split(jax.random.key(2), clients)
   rng = np.random.default_rng(0)
 
-  def one_round(server, states):
+  def plan(t):  # every client, uniform weights, fixed keys; a fresh schedule per round
     idx, mask = round_batches(parts, batch, epochs, rng)
-    downlink = broadcast(server, jax.random.key(3), info)
-    uplinks, states, metrics = runner.run(downlink, states, idx, mask, keys, data)
-    server = aggregate(server, downlink, uplinks, info.weights, metrics)
-    jax.block_until_ready(server)
-    return server, states, idx.shape[1]
+    return rounds_lib.RoundPlan(np.arange(clients), info, jax.random.key(3), jax.random.key(3),
+                                idx, mask, keys)
+
+  # The simulator's server (rounds.Server): its jitted programs and the state's placement.
+  server = rounds_lib.Server(algo, jax.random.key(1), variables, plan)
+
+  def one_round(t, states):
+    rnd = server.open_round(t)
+    uplinks, states, metrics = runner.run(rnd.downlink, states, rnd.plan.idx, rnd.plan.mask,
+                                          rnd.plan.keys, data)
+    server.close_round(rnd, uplinks, rnd.plan.info.weights, metrics, account=False)
+    jax.block_until_ready(server.state)
+    return states, rnd.plan.idx.shape[1]
 
   t = time.perf_counter()
-  server, states, steps = one_round(server, states)
+  states, steps = one_round(0, states)
   first = time.perf_counter() - t
   times = []
-  for _ in range(1 if first > 20 else rounds):
+  for r in range(1 if first > 20 else rounds):
     t = time.perf_counter()
-    server, states, steps = one_round(server, states)
+    states, steps = one_round(r + 1, states)
     times.append(time.perf_counter() - t)
   round_s = float(np.median(times))
 
-  flops_per_step = step_flops(local, algo.broadcast(server, jax.random.key(3), info),
+  flops_per_step = step_flops(local, server.open_round(0).downlink,
                               jax.tree.map(lambda s: s[0], states), keys[0], parts[0], batch, x, y)
   client_steps = clients * steps
   label = backend
@@ -393,7 +399,7 @@ def main() -> None:
                            "(0: one per core, at most 4)")
   parser.add_argument("--out", default="docs/PERFORMANCE.md")
   args = parser.parse_args()
-  parallel.split_cpu(args.cpu_devices)  # before JAX starts
+  devices_lib.split_cpu(args.cpu_devices)  # before JAX starts
   args.clients = 4 if args.quick else 10
   args.per_client = 256 if args.quick else 500
   args.batch, args.epochs = 64, 1

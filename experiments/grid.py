@@ -470,8 +470,8 @@ def main(argv):
     print(f"error: --data_path: no such .npz file: {FLAGS.data_path}", file=sys.stderr)
     sys.exit(2)
   base = study_config(os.path.abspath(FLAGS.data_path), FLAGS.smoke)
-  from fedbif_jax import parallel
-  parallel.split_cpu(base.cpu_devices)  # as launch.py: one host device per core
+  from fedbif_jax import devices
+  devices.split_cpu(base.cpu_devices)  # as launch.py: one host device per core
   import jax
   jax.config.update("jax_compilation_cache_dir",
                     FLAGS.compilation_cache or os.path.join(FLAGS.root, ".jax_cache"))

@@ -21,7 +21,6 @@ Nothing in the report is typed by hand: rerunning this script on the same runs r
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import re
@@ -35,7 +34,7 @@ import numpy as np
 
 from experiments.grid import (ABLATIONS, BASELINES, BEYOND, CODEC_VARIANTS, DEFAULT_TUNED,
                               PARTITIONS, grid_runs, read_tuned, tune_candidates)
-from fedbif_jax.records import read_jsonl
+from fedbif_jax.records import read_json, read_jsonl
 
 LABELS = {"fedavg": "FedAvg", "signsgd": "SignSGD", "fedpaq": "FedPAQ", "feddq": "FedDQ",
           "dadaquant": "DAdaQuant", "fedbif": "FedBiF-1/4 (uniform Eq. 6)",
@@ -59,8 +58,7 @@ def _load_run(d: str, name: str) -> dict | None:
   run = {"name": name, "dir": d, "metrics": read_jsonl(os.path.join(d, "metrics.jsonl")),
          "histograms": read_jsonl(os.path.join(d, "histograms.jsonl"))}
   for key in ("summary", "config", "failed"):
-    path = os.path.join(d, f"{key}.json")
-    run[key] = json.load(open(path)) if os.path.exists(path) else None
+    run[key] = read_json(os.path.join(d, f"{key}.json"))
   return run if (run["summary"] or run["failed"]) else None  # unfinished: left out
 
 

@@ -7,6 +7,7 @@ launch.py can still split the CPU into devices first):
   result = fedbif_jax.train_and_evaluate(config, workdir)   # logs each round; resumes a workdir
   result.summary, result.variables               # summary.json and the final global model
   fedbif_jax.load_global(workdir)                # config + global model from a workdir
+  fedbif_jax.TrainingDiverged                    # raised by a NaN/inf loss (last checkpoint kept)
   fedbif_jax.register_model(name, factory)       # config.model.name = name
   fedbif_jax.register_algorithm(name, make)      # config.algorithm = name
 
@@ -21,6 +22,7 @@ _EXPORTS = {
     "TrainResult": "fedbif_jax.train",
     "load_global": "fedbif_jax.train",
     "GlobalModel": "fedbif_jax.train",
+    "TrainingDiverged": "fedbif_jax.rounds",
     "base_config": "fedbif_jax.config",
     "set_fields": "fedbif_jax.config",
     "register_model": "fedbif_jax.models",

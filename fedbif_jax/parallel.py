@@ -1,4 +1,7 @@
-"""How the clients of a round are run: one switch, identical results.
+"""How the clients of a round are run: one switch, identical results. This module holds the
+backends only: `BACKENDS` maps each name to its factory, `make_runner` builds one; the batch
+schedules they run are `fedbif_jax/data/batching.py`'s, the CPU split into host devices
+`fedbif_jax/devices.py`'s.
 
 Backends (``config.parallel``):
 
@@ -10,7 +13,7 @@ Backends (``config.parallel``):
   the same step unrolled or dispatched from Python (`fedbif_jax/models/conv.py`), and XLA's own
   weight gradients are the fastest outside one. Fully padded steps are skipped on the host (they
   are no-ops). On CPU, launch.py splits the machine into one host device per core
-  (`split_cpu`), so that two small clients' programs keep 2 cores busier than one does.
+  (`fedbif_jax/devices.py`), so that two small clients' programs keep 2 cores busier than one does.
 * ``vmap`` - one program for all clients of the round: `jax.vmap` over clients of a `lax.scan`
   over steps. Meant for GPU/TPU; on CPU the models' convolutions compute their vmapped weight
   gradients as matrix products (`models/conv.py`), which keeps the scan usable (2-3x the
@@ -38,7 +41,6 @@ the new client states (numpy, on the host) and per-client metrics.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -46,10 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedbif_jax.client import Batches, LocalTraining, TrainData
+from fedbif_jax.data.batching import compact_schedule
+from fedbif_jax.devices import cores
 from fedbif_jax.errors import check
 from fedbif_jax import xla_options
 
-BACKENDS = ("auto", "sequential", "vmap", "sharded")
 CLIENT_AXIS = "clients"
 
 
@@ -60,61 +63,22 @@ class Runner(NamedTuple):
   place: Callable[[TrainData], TrainData]
 
 
+def backend_names() -> tuple[str, ...]:
+  """What ``config.parallel`` may say: ``auto`` and the names in `BACKENDS`."""
+  return ("auto", *BACKENDS)
+
+
 def resolve_backend(name: str, platform: str | None = None) -> str:
-  """The backend `auto` stands for on `platform` (default: JAX's default backend)."""
-  check(name in BACKENDS, "parallel", f"one of {', '.join(BACKENDS)}", name)
+  """The backend `auto` stands for on `platform` (default: JAX's default backend); ConfigError
+  naming ``parallel`` and the allowed values for an unknown name."""
+  check(name in backend_names(), "parallel", f"one of {', '.join(backend_names())}", name)
   if jax.process_count() > 1:  # a multi-process job: clients over the global device mesh
     check(name in ("auto", "sharded"), "parallel",
           f"auto or sharded in a multi-process run ({jax.process_count()} processes)", name)
     return "sharded"
   if name != "auto":
     return name
-  platform = platform or jax.default_backend()
-  return "sequential" if platform == "cpu" else "vmap"
-
-
-MAX_AUTO_CPU_DEVICES = 4
-
-
-def _cores() -> int:
-  return max(1, len(os.sched_getaffinity(0)))
-
-
-def split_cpu(cpu_devices: int, environ=None) -> int | None:
-  """Asks JAX for `cpu_devices` host devices (0: one per core, at most MAX_AUTO_CPU_DEVICES), so
-  that the sequential backend can run that many clients at once. Must run before JAX starts its
-  CPU backend. Leaves JAX alone (returns None) when XLA_FLAGS already forces a device count.
-  Returns the count asked for. The cap of the automatic choice is a guess beyond the 2 cores we
-  measured on (docs/PERFORMANCE.md): each device holds its own copy of the training set."""
-  environ = os.environ if environ is None else environ
-  check(isinstance(cpu_devices, int) and not isinstance(cpu_devices, bool) and cpu_devices >= 0,
-        "cpu_devices", "0 (one per core) or an integer >= 1", cpu_devices)
-  if "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", ""):
-    return None
-  count = cpu_devices or min(_cores(), MAX_AUTO_CPU_DEVICES)
-  jax.config.update("jax_num_cpu_devices", count)
-  return count
-
-
-def compact_schedule(idx: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Moves each client's real steps (mask not all zero) to the front, keeping their order.
-
-  Masked steps are exact no-ops, so this changes no result; it lets the sequential backend stop
-  after a client's last real step. Returns (idx, mask, real_steps int [C]).
-  """
-  real = mask.sum(axis=-1) > 0                                   # [C, S]
-  order = np.argsort(~real, axis=1, kind="stable")
-  take = lambda a: np.take_along_axis(a, order[..., None], axis=1)
-  return take(idx), take(mask), real.sum(axis=1)
-
-
-def pad_steps(idx: np.ndarray, mask: np.ndarray, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-  """Pads a [C, S, B] schedule with fully masked steps (exact no-ops) to `num_steps` steps."""
-  pad = num_steps - idx.shape[1]
-  if pad <= 0:
-    return idx, mask
-  zeros = lambda a: np.zeros((a.shape[0], pad) + a.shape[2:], a.dtype)
-  return np.concatenate([idx, zeros(idx)], axis=1), np.concatenate([mask, zeros(mask)], axis=1)
+  return AUTO.get(platform or jax.default_backend(), AUTO_ELSEWHERE)
 
 
 def _batched(local: LocalTraining):
@@ -150,7 +114,7 @@ def _global(x, sharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def _make_sharded(local: LocalTraining) -> Runner:
+def _make_sharded(local: LocalTraining, unroll: int = 1, client_devices: int = 0) -> Runner:
   """Clients split over all (global) devices. In a multi-process job (`jax.distributed`) every
   process runs this same code on the same host inputs; each computes the clients on its own
   devices, and the results are all-gathered so that every process holds the round's outputs."""
@@ -206,7 +170,7 @@ def make_runner(backend: str, local: LocalTraining, unroll: int = 1,
   """The `Runner` of a backend.
 
   Args:
-    backend: one of BACKENDS.
+    backend: ``auto`` or a name in `BACKENDS`.
     local: the jitted-to-be local-training functions (`client.make_local_training`).
     unroll: steps per jitted call of the sequential backend (see `_make_sequential`).
     client_devices: how many of this process's devices the sequential backend spreads a round's
@@ -226,11 +190,7 @@ def make_runner(backend: str, local: LocalTraining, unroll: int = 1,
         and client_devices >= 0, "client_devices",
         f"0 (all) or an integer >= 1 (this process has {jax.local_device_count()} devices)",
         client_devices)
-  if backend == "sharded":
-    return _make_sharded(local)
-  if backend == "vmap":
-    return _make_vmap(local)
-  return _make_sequential(local, unroll, sequential_devices(client_devices))
+  return BACKENDS[backend](local, unroll, client_devices)
 
 
 def sequential_devices(client_devices: int = 0) -> list:
@@ -240,10 +200,10 @@ def sequential_devices(client_devices: int = 0) -> list:
   devices = jax.local_devices()
   if client_devices:
     return devices[:client_devices]
-  return devices[:_cores()] if devices[0].platform == "cpu" else devices
+  return devices[:cores()] if devices[0].platform == "cpu" else devices
 
 
-def _make_vmap(local: LocalTraining) -> Runner:
+def _make_vmap(local: LocalTraining, unroll: int = 1, client_devices: int = 0) -> Runner:
   update = xla_options.jit(_batched(local))
 
   def run(downlink, client_states, idx, mask, keys, data: TrainData):
@@ -263,8 +223,9 @@ def chunk_plan(real_steps: int, unroll: int) -> list[int]:
   return [unroll] * whole + [1] * rest
 
 
-def _make_sequential(local: LocalTraining, unroll: int, devices: list) -> Runner:
-  """Clients one after another on each of `devices`, client c on ``devices[c % D]``.
+def _make_sequential(local: LocalTraining, unroll: int = 1, client_devices: int = 0) -> Runner:
+  """Clients one after another on each of ``devices = sequential_devices(client_devices)``,
+  client c on ``devices[c % D]``.
 
   Every call is dispatched asynchronously, so the D devices' chains of clients run at the same
   time; with one device this is the plain sequential loop. On a CPU split into several host
@@ -274,6 +235,7 @@ def _make_sequential(local: LocalTraining, unroll: int, devices: list) -> Runner
   copied to every device once (`place`); uplinks and metrics are gathered on ``devices[0]`` (the
   server's device) and client states on the host.
   """
+  devices = sequential_devices(client_devices)
   platform = devices[0].platform
   start = xla_options.jit(local.start, platform=platform)
   steps = xla_options.jit(local.steps, platform=platform, static_argnames="num_steps")
@@ -318,3 +280,11 @@ def _make_sequential(local: LocalTraining, unroll: int, devices: list) -> Runner
     return _stack(uplinks), host_states, _stack(metrics)
 
   return Runner(run, place)
+
+
+# Backend name -> factory(local, unroll, client_devices) -> Runner (``config.parallel``); the
+# factories ignore what they do not use (only the sequential backend unrolls or picks devices).
+BACKENDS = {"sequential": _make_sequential, "vmap": _make_vmap, "sharded": _make_sharded}
+# What ``auto`` stands for in one process, by JAX platform (anything else: AUTO_ELSEWHERE).
+AUTO = {"cpu": "sequential"}
+AUTO_ELSEWHERE = "vmap"

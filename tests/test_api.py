@@ -3,6 +3,7 @@ model, per-round callbacks, user models and algorithms, and validation before an
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -50,7 +51,8 @@ def test_progress_lines_reach_a_caller_that_set_up_no_level(python_run):
   rounds = [r for r in records if r.startswith("round ")]
   assert [r.split()[1] for r in rounds] == ["1/3", "2/3", "3/3"]
   # The first round includes the compiles: no estimate from it; later ones estimate.
-  assert rounds[0].endswith("eta -") and rounds[1].endswith("eta 0m00s")
+  # (the estimate's value depends on the machine's load: a 0.5 s round reads 0m00s or 0m01s)
+  assert rounds[0].endswith("eta -") and re.search(r"eta \d+m\d\ds$", rounds[1])
   assert logging.getLogger("fedbif_jax").level == logging.NOTSET  # restored afterwards
 
 

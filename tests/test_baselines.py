@@ -13,7 +13,7 @@ from conftest import small_config
 from fedbif_jax import quant
 from fedbif_jax.algorithms import dadaquant, feddq, fedpaq, get_algorithm, signsgd
 from fedbif_jax.algorithms.base import LocalState, RoundInfo
-from fedbif_jax import train as train_lib
+from fedbif_jax import rounds
 from fedbif_jax.errors import ConfigError
 from fedbif_jax.train import train_and_evaluate
 from fedbif_jax.pytrees import Bits
@@ -149,7 +149,7 @@ def test_feddq_client_width_follows_its_own_range():
 
 
 def test_feddq_uplink_bpp_by_hand():
-  """Two clients, two 6-weight kernels, resolution 0.01; the ledger (`train.traffic`) must
+  """Two clients, two 6-weight kernels, resolution 0.01; the ledger (`rounds.traffic`) must
   count each client's own width per kernel: bits = max(ceil(log2(range / 0.01)), 2).
 
     client A: Dense_0 range 2.0  -> ceil(7.64) = 8;  Dense_1 range 0.02 -> ceil(1.0) -> 2
@@ -174,7 +174,7 @@ def test_feddq_uplink_bpp_by_hand():
   stacked = _stack(*ups)
   assert [int(w) for w in stacked["weights"]["Dense_0"]["kernel"].width] == [8, 5]
   assert [int(w) for w in stacked["weights"]["Dense_1"]["kernel"].width] == [2, 6]
-  sent = train_lib.traffic(down, stacked, num_weights=12)
+  sent = rounds.traffic(down, stacked, num_weights=12)
   assert sent["uplink_bpp"] == 5.25 and sent["downlink_bpp"] == 32.0
 
 
@@ -258,13 +258,13 @@ def test_dadaquant_client_derives_its_level_from_the_broadcast():
 def test_baseline_runs_two_rounds_with_checked_wire(tmp_path, monkeypatch, algorithm, up_bpp,
                                                     down_bpp, min_accuracy, loss_ratio):
   sent = []   # each round's stacked uplinks, as the ledger counted them
-  traffic = train_lib.traffic
+  traffic = rounds.traffic
 
   def spy(downlink, uplinks, num_weights, *codec):
     sent.append(jax.device_get(uplinks))
     return traffic(downlink, uplinks, num_weights, *codec)
 
-  monkeypatch.setattr(train_lib, "traffic", spy)
+  monkeypatch.setattr(rounds, "traffic", spy)
   summary = train_and_evaluate(small_config(algorithm=algorithm, rounds=2, wire_check_every=1),
                                str(tmp_path)).summary
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]

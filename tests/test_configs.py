@@ -12,7 +12,8 @@ import pytest
 
 from conftest import REPO
 from fedbif_jax.errors import ConfigError
-from fedbif_jax.train import train_and_evaluate, validate_config
+from fedbif_jax.rounds import validate_config
+from fedbif_jax.train import train_and_evaluate
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 # config, model, tfds name, lr, rounds, augmentation

@@ -700,3 +700,18 @@ def test_tfds_integer_pixels_in_range_are_kept():
   images, _ = data.sources._read_records(records, "fake[train]")
   assert images.dtype == np.uint8 and images.shape == (2, 2, 2, 1)
   np.testing.assert_array_equal(images[:, 0, 0, 0], [0, 255])
+
+
+def test_pad_steps_and_compact_schedule_only_move_masked_steps():
+  from fedbif_jax.data import compact_schedule, pad_steps
+  idx = np.arange(2 * 3 * 2, dtype=np.int32).reshape(2, 3, 2)
+  mask = np.array([[[1, 1], [0, 0], [1, 0]], [[0, 0], [0, 0], [1, 1]]], np.float32)
+  padded_idx, padded_mask = pad_steps(idx, mask, 5)
+  assert padded_idx.shape == padded_mask.shape == (2, 5, 2)
+  assert not padded_mask[:, 3:].any() and not padded_idx[:, 3:].any()
+  assert pad_steps(idx, mask, 3) == (idx, mask)
+  moved_idx, moved_mask, real = compact_schedule(padded_idx, padded_mask)
+  assert real.tolist() == [2, 1]
+  np.testing.assert_array_equal(moved_idx[0, :2], idx[0, [0, 2]])
+  np.testing.assert_array_equal(moved_idx[1, :1], idx[1, [2]])
+  np.testing.assert_array_equal(moved_mask.sum(axis=(1, 2)), mask.sum(axis=(1, 2)))

@@ -16,17 +16,19 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import REPO, small_config, without_wall_clock
+from conftest import small_config, without_wall_clock
 from fedbif_jax import data as data_lib
 from fedbif_jax import lipschitz
 from fedbif_jax import metrics as metrics_lib
 from fedbif_jax import parallel
+from fedbif_jax import rounds
 from fedbif_jax.algorithms import get_algorithm
 from fedbif_jax.algorithms.base import RoundInfo
 from fedbif_jax.client import Batches, TrainData, make_local_training
 from fedbif_jax.errors import ConfigError
 from fedbif_jax.models import get_model
-from fedbif_jax.train import TrainingDiverged, build_job, train_and_evaluate
+from fedbif_jax.rounds import TrainingDiverged, build_job
+from fedbif_jax.train import train_and_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +121,10 @@ def test_backends_agree(digits, algorithm):
   results = {}
   assert jax.device_count() == 4, "conftest forces 4 host devices; 3 clients pad to 4"
   assert {int(m.sum(axis=-1).astype(bool).sum()) % 3 for m in mask} != {0}, "a remainder step"
-  for name, unroll, devices in [("sequential", 1, 1), ("sequential", 1, 4), ("sequential", 3, 2),
-                                ("vmap", 1, 0), ("sharded", 1, 0)]:
+  cases = [("sequential", 1, 1), ("sequential", 1, 4), ("sequential", 3, 2), ("vmap", 1, 0),
+           ("sharded", 1, 0)]
+  assert {name for name, _, _ in cases} == set(parallel.BACKENDS), "every registered backend"
+  for name, unroll, devices in cases:
     runner = parallel.make_runner(name, local, unroll, devices)
     results[(name, unroll, devices)] = runner.run(downlink, states, idx, mask, keys,
                                                   runner.place(data))
@@ -134,37 +138,6 @@ def test_backends_agree(digits, algorithm):
   new_server = jax.jit(algo.aggregate)(server, downlink, reference[0], weights, reference[2])
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new_server["params"], server["params"])
   assert all(jax.tree.leaves(changed))
-
-
-@pytest.mark.parametrize("real_steps,unroll,calls", [
-    (10, 4, [4, 4, 1, 1]), (8, 4, [4, 4]), (3, 4, [1, 1, 1]), (0, 4, []), (5, 1, [1] * 5)])
-def test_chunk_plan_runs_whole_chunks_then_single_steps(real_steps, unroll, calls):
-  assert parallel.chunk_plan(real_steps, unroll) == calls
-
-
-def test_split_cpu_asks_jax_for_host_devices_unless_xla_flags_force_a_count():
-  import subprocess
-  import sys
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  code = ("from fedbif_jax import parallel; n = parallel.split_cpu({}); import jax; "
-          "print(n, jax.local_device_count(), len(parallel.sequential_devices()))")
-  run = lambda arg: subprocess.run([sys.executable, "-c", code.format(arg)], env=env, cwd=REPO,
-                                   capture_output=True, text=True, check=True).stdout.split()
-  cores = len(os.sched_getaffinity(0))
-  assert run(3) == ["3", "3", str(min(3, cores))]
-  auto = str(min(cores, parallel.MAX_AUTO_CPU_DEVICES))
-  assert run(0) == [auto, auto, auto]
-  assert parallel.split_cpu(2, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}) is None
-  with pytest.raises(ConfigError, match="cpu_devices"):
-    parallel.split_cpu(-1)
-
-
-def test_sequential_spreads_clients_over_at_most_one_cpu_device_per_core():
-  cores = len(os.sched_getaffinity(0))
-  assert len(parallel.sequential_devices()) == min(jax.local_device_count(), cores)
-  assert parallel.sequential_devices(3) == jax.local_devices()[:3]
-  with pytest.raises(ConfigError, match="client_devices"):
-    parallel.make_runner("sequential", None, 1, client_devices=-1)
 
 
 def test_fedavg_aggregates_weighted_mean(digits):
@@ -359,7 +332,6 @@ def test_no_retracing_after_the_first_round(tmp_path, monkeypatch, backend, unro
   """Tracing runs the algorithm's Python functions; later rounds must reuse the compiled code,
   even with partial participation over clients of unequal size (with unroll 3, step counts
   with and without a remainder: the sequential backend's two step programs, on every device)."""
-  from fedbif_jax import train as train_lib
   calls = {"traces": 0}
 
   def counting(config, predicate=None):
@@ -374,7 +346,7 @@ def test_no_retracing_after_the_first_round(tmp_path, monkeypatch, backend, unro
     return algo._replace(model_params=counted(algo.model_params),
                          broadcast=counted(algo.broadcast), aggregate=counted(algo.aggregate))
 
-  monkeypatch.setattr(train_lib, "get_algorithm", counting)
+  monkeypatch.setattr(rounds, "get_algorithm", counting)
   overrides = dict(num_clients=6, clients_per_round=3, data__partition="dirichlet",
                    parallel=backend, unroll=unroll, client_devices=3)
   train_and_evaluate(small_config(rounds=1, **overrides), str(tmp_path / "one"))
@@ -383,13 +355,13 @@ def test_no_retracing_after_the_first_round(tmp_path, monkeypatch, backend, unro
   # Traces are shared by devices, compiled programs are not: also count XLA compilations from
   # the start of the second round on.
   compiles_at_round_start = []
-  original_plan_round = train_lib.plan_round
+  original_plan_round = rounds.plan_round
 
   def spying_plan_round(*args):
     compiles_at_round_start.append(_COMPILES["n"])
     return original_plan_round(*args)
 
-  monkeypatch.setattr(train_lib, "plan_round", spying_plan_round)
+  monkeypatch.setattr(rounds, "plan_round", spying_plan_round)
   with _counting_compiles() as compiles:
     train_and_evaluate(small_config(rounds=4, **overrides), str(tmp_path / "four"))
   assert after_one_round > 0 and calls["traces"] == after_one_round

@@ -39,7 +39,7 @@ def test_full_grids_have_the_issue_shape():
   assert base.data.train_subset - base.data.validation == 5000  # 500 images a client on IID
   tuned = _tuned(fedavg={"lr": 0.1}, fedbif={"lr": 0.2, "fedbif.bit_lr_scale": 4.0},
                  **{m: {"lr": 0.1} for m in grid_lib.BASELINES})
-  from fedbif_jax.train import validate_config
+  from fedbif_jax.rounds import validate_config
   for g in grid_lib.GRIDS:
     for r in grid_lib.grid_runs(g):
       validate_config(grid_lib.run_config(base, r, tuned))

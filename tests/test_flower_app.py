@@ -32,7 +32,7 @@ def test_pyproject_declares_the_flower_app():
   from flwr.serverapp import ServerApp
   from flwr.supercore import object_ref
 
-  from fedbif_jax.deploy import flower
+  from fedbif_jax.deploy import runconfig
   tool, warnings = _app()  # raises on a missing or invalid field, as `flwr run` does
   assert warnings == ['Recommended property "license" missing in [project]'], warnings
   components = tool["app"]["components"]
@@ -41,20 +41,20 @@ def test_pyproject_declares_the_flower_app():
     assert object_ref.validate(ref, check_module=True, project_dir=REPO) == (True, None), ref
     module, _, attribute = ref.partition(":")
     assert isinstance(getattr(importlib.import_module(module), attribute), kinds[name]), ref
-  assert components == {"serverapp": "fedbif_jax.deploy.flower:server_app",
-                        "clientapp": "fedbif_jax.deploy.flower:client_app"}
+  assert components == {"serverapp": "fedbif_jax.deploy.apps:server_app",
+                        "clientapp": "fedbif_jax.deploy.apps:client_app"}
   # SuperLink connections live in $FLWR_HOME/config.toml since Flower 1.26: `flwr run` would move
   # a [tool.flwr.federations] table there and comment it out of pyproject.toml.
   assert "federations" not in tool
   # The run config's defaults: the quickstart as its config file has it.
   defaults = tool["app"]["config"]
-  assert set(defaults) == {flower.CONFIG_KEY, flower.OVERRIDES_KEY, flower.ROUNDS_KEY,
-                           flower.EPOCHS_KEY, flower.WORKDIR_KEY, flower.ROUND_TIMEOUT_KEY,
-                           flower.NODE_TIMEOUT_KEY}
-  assert flower.config_of(defaults) == flower.load_config("configs/quickstart.py")
-  assert flower.workdir_of(defaults) == os.path.expanduser("~/fedbif_jax_runs/flower")
-  assert [flower.seconds_of(defaults, k) for k in (flower.ROUND_TIMEOUT_KEY,
-                                                  flower.NODE_TIMEOUT_KEY)] == [600.0, 120.0]
+  assert set(defaults) == {runconfig.CONFIG_KEY, runconfig.OVERRIDES_KEY, runconfig.ROUNDS_KEY,
+                           runconfig.EPOCHS_KEY, runconfig.WORKDIR_KEY, runconfig.ROUND_TIMEOUT_KEY,
+                           runconfig.NODE_TIMEOUT_KEY}
+  assert runconfig.config_of(defaults) == runconfig.load_config("configs/quickstart.py")
+  assert runconfig.workdir_of(defaults) == os.path.expanduser("~/fedbif_jax_runs/flower")
+  assert [runconfig.seconds_of(defaults, k) for k in (runconfig.ROUND_TIMEOUT_KEY,
+                                                  runconfig.NODE_TIMEOUT_KEY)] == [600.0, 120.0]
 
 
 def test_the_bundle_carries_the_package_and_the_configs():
@@ -72,21 +72,21 @@ def test_the_bundle_carries_the_package_and_the_configs():
 def test_the_run_config_maps_onto_launch_py_flags():
   from flwr.common.config import parse_config_args
 
-  from fedbif_jax.deploy import flower
+  from fedbif_jax.deploy import runconfig
   from fedbif_jax.errors import ConfigError
   # What `flwr run --run-config "..."` hands the apps, with a value that needs quoting.
   run_config = parse_config_args(
       ["config='configs/quickstart.py' overrides=\"num_clients=3 'data.path=/a b.npz' "
        "--config.lr=0.1\" num-server-rounds=2 local-epochs=0"])
-  assert flower.overrides_of(run_config) == [
+  assert runconfig.overrides_of(run_config) == [
       "--config.num_clients=3", "--config.data.path=/a b.npz", "--config.lr=0.1",
       "--config.rounds=2"]
   # The launcher's run config reads back as launch.py's flags.
   flags = OVERRIDES + ["--config.data.path=/a b.npz"]
-  run_config = flower.launcher_run_config("configs/quickstart.py", flags, "/tmp/w", 60, 10)
-  assert flower.overrides_of(run_config) == flags
-  assert flower.config_of(run_config) == flower.load_config("configs/quickstart.py", flags)
-  assert run_config[flower.CONFIG_KEY] == os.path.join("configs", "quickstart.py")
+  run_config = runconfig.launcher_run_config("configs/quickstart.py", flags, "/tmp/w", 60, 10)
+  assert runconfig.overrides_of(run_config) == flags
+  assert runconfig.config_of(run_config) == runconfig.load_config("configs/quickstart.py", flags)
+  assert run_config[runconfig.CONFIG_KEY] == os.path.join("configs", "quickstart.py")
   errors = {
       "overrides: must be space-separated field=value pairs, got 'rounds'": {"overrides": "rounds"},
       "num-server-rounds: rounds is set in overrides too; set it in one place":
@@ -97,14 +97,14 @@ def test_the_run_config_maps_onto_launch_py_flags():
   }
   for message, bad in errors.items():
     with pytest.raises(ConfigError) as error:
-      flower.overrides_of(bad)
+      runconfig.overrides_of(bad)
     assert str(error.value) == message
   with pytest.raises(ConfigError, match=r"^config: must name a config file"):
-    flower.config_of({})
+    runconfig.config_of({})
   with pytest.raises(ConfigError, match=r"^workdir: must be"):
-    flower.workdir_of({"workdir": ""})
+    runconfig.workdir_of({"workdir": ""})
   with pytest.raises(ConfigError, match=r"^round-timeout: must be a number of seconds > 0"):
-    flower.seconds_of({"round-timeout": 0}, "round-timeout")
+    runconfig.seconds_of({"round-timeout": 0}, "round-timeout")
 
 
 @pytest.mark.slow
@@ -114,9 +114,9 @@ def test_a_client_from_the_node_cache_equals_one_from_the_source(tmp_path):
   fresh process reads the cache without importing scikit-learn (the digits' source)."""
   import jax
 
-  from fedbif_jax.deploy import cache, flower, roles
+  from fedbif_jax.deploy import cache, roles, runconfig
   flags = OVERRIDES + ["--config.data.train_subset=900", "--config.data.validation=100"]
-  config = flower.load_config("configs/quickstart.py", flags)
+  config = runconfig.load_config("configs/quickstart.py", flags)
   source = roles.Client(config)
   _, note = cache.client_role(config, str(tmp_path))
   path = cache.data_path(str(tmp_path), config)
@@ -136,10 +136,10 @@ def test_a_client_from_the_node_cache_equals_one_from_the_source(tmp_path):
   assert np.array_equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, runs[0][2], runs[1][2])))
   # Another data config is another file; a fresh process reads this one without the source.
-  other = flower.load_config("configs/quickstart.py", OVERRIDES)
+  other = runconfig.load_config("configs/quickstart.py", OVERRIDES)
   assert cache.data_path(str(tmp_path), other) != path
-  code = ("import sys\nfrom fedbif_jax.deploy import cache, flower\n"
-          f"config = flower.load_config('configs/quickstart.py', {flags!r})\n"
+  code = ("import sys\nfrom fedbif_jax.deploy import cache, runconfig\n"
+          f"config = runconfig.load_config('configs/quickstart.py', {flags!r})\n"
           f"print(cache.client_role(config, {str(tmp_path)!r})[1], 'sklearn' in sys.modules)\n")
   out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)

@@ -5,7 +5,7 @@
 of the quickstart (FedBiF-1/4, one local epoch), and the test checks
 
 (a) the payload bytes that crossed the transport against the ledger the simulator keeps
-    (`wire.coded_sizes`, via `train.traffic`): the downlink message is sent once per client,
+    (`wire.coded_sizes`, via `rounds.traffic`): the downlink message is sent once per client,
     each uplink is received as sent; 1 bpp up and 4 bpp down over the compressed weights. With
     ``wire_codec=entropy`` (the second case) the messages are entropy-coded: fewer bytes, the
     same equalities, and the coded and entropy bpp of both ledgers agree;

@@ -7,7 +7,7 @@ one local epoch, and FedBiF's fixed selector, which trains the same bit every ro
 client's state (its virtual bits) changes what it sends the next time it is selected: a lost or
 wrong client state shows in the model.
 
-* In one process (`flower.run_server` over a Grid that hands each message to the real ClientApp,
+* In one process (`apps.run_server` over a Grid that hands each message to the real ClientApp,
   each client with its own ``state-dir``), 3 rounds: the server dies in round 1 after the clients
   trained it, metrics.jsonl gets a row past the checkpoint and a torn line, and new SuperNodes
   (fresh Contexts, as in a new Flower run) resume it; client 0's state in round 2 comes from round
@@ -65,7 +65,7 @@ class _Killed(Exception):
 
 
 class _Grid:
-  """An in-process Flower Grid: every message goes to `flower.client_app` with its node's own
+  """An in-process Flower Grid: every message goes to `apps.client_app` with its node's own
   Context (a SuperNode); with `kill_round`, the server dies once the clients trained that round."""
 
   def __init__(self, run_config, cache_dir, state_dir=None, kill_round=None):
@@ -83,8 +83,8 @@ class _Grid:
     return list(self.contexts)
 
   def send_and_receive(self, messages, *, timeout=None):
-    from fedbif_jax.deploy import flower
-    replies = [flower.client_app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+    from fedbif_jax.deploy import apps
+    replies = [apps.client_app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
     if (messages[0].metadata.message_type == "train"
         and int(messages[0].content["round"]["round"]) == self.kill_round):
       raise _Killed
@@ -102,11 +102,11 @@ def _same_model(a, b):
 
 @pytest.mark.slow
 def test_a_resumed_server_in_process_equals_an_uninterrupted_one(tmp_path, serverapp, capsys):
-  from fedbif_jax.deploy import flower
+  from fedbif_jax.deploy import apps, runconfig
   from fedbif_jax.errors import ConfigError
-  run_config = flower.launcher_run_config(CONFIG, OVERRIDES, "", 60, 10)
-  config = flower.config_of(run_config)
-  run = lambda grid, workdir, c=config: flower.run_server(grid, c, str(workdir), round_timeout=60,
+  run_config = runconfig.launcher_run_config(CONFIG, OVERRIDES, "", 60, 10)
+  config = runconfig.config_of(run_config)
+  run = lambda grid, workdir, c=config: apps.run_server(grid, c, str(workdir), round_timeout=60,
                                                           node_timeout=10)
   grid = lambda *args, **kwargs: _Grid(run_config, str(tmp_path / "cache"), *args, **kwargs)
   run(grid(str(tmp_path / "states_ref")), tmp_path / "uninterrupted")
@@ -123,7 +123,7 @@ def test_a_resumed_server_in_process_equals_an_uninterrupted_one(tmp_path, serve
   shutil.copytree(workdir, lost_copy)
 
   # A changed config is refused, with the simulator's one-line error; nothing is touched.
-  changed = flower.load_config(CONFIG, OVERRIDES + ["--config.lr=0.3"])
+  changed = runconfig.load_config(CONFIG, OVERRIDES + ["--config.lr=0.3"])
   with pytest.raises(ConfigError, match=r"another config \(changed: lr\)"):
     run(grid(states), workdir, changed)
 

@@ -25,6 +25,7 @@ import pytest
 from conftest import small_config
 from fedbif_jax import quant
 from fedbif_jax import selectors
+from fedbif_jax import rounds
 from fedbif_jax import train as train_lib
 from fedbif_jax import wire
 from fedbif_jax.algorithms import fedbif as fedbif_lib
@@ -311,14 +312,14 @@ def test_learned_step_trains_and_the_step_moves(tmp_path, monkeypatch):
   2-core CPU: test accuracy 0.300, 0.414, 0.447, 0.456, 0.600, 0.686 (chance 0.1); the last
   broadcast's steps are 0.1-1.1% below round 0's (Eq. 5) at step_lr_scale 1."""
   seen = []
-  traffic = train_lib.traffic
+  traffic = rounds.traffic
 
   def spy(downlink, uplinks, *rest):
     seen.append(jax.device_get((downlink["alpha"], uplinks["alpha"])))
     seen[-1] += (traffic(downlink, uplinks, *rest),)
     return seen[-1][-1]
 
-  monkeypatch.setattr(train_lib, "traffic", spy)
+  monkeypatch.setattr(rounds, "traffic", spy)
   summary = train_lib.train_and_evaluate(small_config(rounds=6, fedbif__step="learned"),
                                          str(tmp_path)).summary
   assert summary["final_accuracy"] > 0.5

@@ -18,7 +18,7 @@ code in this file, never by the code under test.
   device, and resume after a kill (a torn last line of metrics.jsonl) for every algorithm with
   partial participation.
 
-The engine is observed through spies on `train.plan_round` (the round's clients), `train.traffic`
+The engine is observed through spies on `rounds.plan_round` (the round's clients), `rounds.traffic`
 (the payloads, exactly as they were counted), the test evaluator (the aggregated server state)
 and `train._Store.scatter` (the clients' stored states).
 """
@@ -40,6 +40,7 @@ import pytest
 from conftest import small_config, without_wall_clock
 from fedbif_jax import data as data_lib
 from fedbif_jax import metrics as metrics_lib
+from fedbif_jax import rounds
 from fedbif_jax import train as train_lib
 from fedbif_jax.train import train_and_evaluate
 from fedbif_jax.pytrees import Bits
@@ -68,7 +69,7 @@ class Recording:
 @contextlib.contextmanager
 def recording():
   rec = Recording()
-  build_job, plan_round, traffic = train_lib.build_job, train_lib.plan_round, train_lib.traffic
+  build_job, plan_round, traffic = rounds.build_job, rounds.plan_round, rounds.traffic
   make_evaluator, scatter = metrics_lib.make_evaluator, train_lib._Store.scatter
 
   def build_job_spy(config):
@@ -98,9 +99,9 @@ def recording():
     rec.stores.append({int(c): jax.tree.map(np.array, self.states[int(c)]) for c in ids})
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(train_lib, "build_job", build_job_spy)
-    mp.setattr(train_lib, "plan_round", plan_round_spy)
-    mp.setattr(train_lib, "traffic", traffic_spy)
+    mp.setattr(rounds, "build_job", build_job_spy)
+    mp.setattr(rounds, "plan_round", plan_round_spy)
+    mp.setattr(rounds, "traffic", traffic_spy)
     mp.setattr(metrics_lib, "make_evaluator", make_evaluator_spy)
     mp.setattr(train_lib._Store, "scatter", scatter_spy)
     yield rec
@@ -111,7 +112,7 @@ def recorded_run(config, workdir, model=None) -> Recording:
   model."""
   with recording() as rec, pytest.MonkeyPatch.context() as mp:
     if model is not None:
-      mp.setattr(train_lib, "get_model", lambda name, num_classes: model)
+      mp.setattr(rounds, "get_model", lambda name, num_classes: model)
     train_and_evaluate(config, str(workdir))
   rec.read_rows(str(workdir))
   assert len(rec.servers) == len(rec.downlinks) == len(rec.rows) == config.rounds
@@ -274,7 +275,7 @@ def test_fedavg_with_data_size_weights_is_the_numpy_weighted_mean(tmp_path, monk
   """5 clients of 132 to 396 examples (Dirichlet(0.3)), 2 rounds of 2 local epochs; a batch holds a whole
   client, so each epoch is one full-batch step, recomputed here in float64 from the broadcast
   model; the server model must be sum_k (n_k / n) w_k, not the uniform mean."""
-  monkeypatch.setattr(train_lib, "get_model", lambda name, num_classes: _Linear(num_classes))
+  monkeypatch.setattr(rounds, "get_model", lambda name, num_classes: _Linear(num_classes))
   config = small_config(algorithm="fedavg", rounds=2, num_clients=5, local_epochs=2,
                         batch_size=1024, lr=0.1, data__partition="dirichlet", data__mu=0.3,
                         aggregation_weights="data_size")
@@ -486,7 +487,7 @@ def test_sharded_equals_sequential_over_rounds_with_two_clients_per_device(
     return ds._replace(x_train=rng.integers(0, 256, ds.x_train.shape, dtype=np.uint8))
 
   monkeypatch.setattr(data_lib, "load_dataset", noisy)
-  monkeypatch.setattr(train_lib, "get_model", lambda name, n: _AvgPoolCNN(n))
+  monkeypatch.setattr(rounds, "get_model", lambda name, n: _AvgPoolCNN(n))
   runs = {}
   for backend in ("sequential", "sharded"):
     config = small_config(algorithm=algorithm, rounds=3, num_clients=10, clients_per_round=8,

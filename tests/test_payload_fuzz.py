@@ -10,7 +10,7 @@ fuzzed, on the uplink (`payload.validate`) and on the downlink (`payload.from_ar
 client does with the server's bytes). The same is done to FedBiF's payloads with
 ``wire_codec=entropy`` (ANS-coded leaves: symbol statistics and words mutated, truncated,
 flipped), validated with that codec. The server-level test runs the Flower ServerApp's
-round loop (`flower.run_server`) over an in-process Grid that hands every message to the real
+round loop (`apps.run_server`) over an in-process Grid that hands every message to the real
 ClientApp, with one client's reply replaced by garbage: the round completes with the others and
 the reason is logged.
 """
@@ -38,8 +38,8 @@ OVERRIDES = ["--config.num_clients=3", "--config.rounds=2", "--config.local_epoc
 
 
 def _config(algorithm, *overrides):
-  from fedbif_jax.deploy import flower
-  return flower.load_config(CONFIG, OVERRIDES + [f"--config.algorithm={algorithm}", *overrides])
+  from fedbif_jax.deploy import runconfig
+  return runconfig.load_config(CONFIG, OVERRIDES + [f"--config.algorithm={algorithm}", *overrides])
 
 
 ROLES = {}  # algorithm -> (roles.Server, roles.Client, its round 0), built by `real`
@@ -473,7 +473,7 @@ def test_same_length_mutations_of_headers_and_data(real, downlinks, algorithm, d
 def test_flower_arrays_that_are_not_payload_arrays():
   from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-  from fedbif_jax.deploy import flower
+  from fedbif_jax.deploy import apps
   good = np.arange(10, dtype=np.uint8)
   npy = Array(np.zeros(4, np.uint8)).data
   assert b"(4,)" in npy
@@ -494,10 +494,10 @@ def test_flower_arrays_that_are_not_payload_arrays():
   }
   for name, record in bad.items():
     with pytest.raises(PayloadError):
-      flower.read_array(RecordDict({"uplink": record}), "uplink", name)
+      apps.read_array(RecordDict({"uplink": record}), "uplink", name)
   with pytest.raises(PayloadError):
-    flower.read_array(RecordDict({}), "uplink", "missing record")
-  data, size = flower.read_array(RecordDict({"uplink": ArrayRecord({"payload": Array(good)})}),
+    apps.read_array(RecordDict({}), "uplink", "missing record")
+  data, size = apps.read_array(RecordDict({"uplink": ArrayRecord({"payload": Array(good)})}),
                                  "uplink", "good")
   assert data.tolist() == good.tolist() and size > good.size
 
@@ -527,7 +527,7 @@ def test_close_round_renormalises_the_weights_over_accepted_clients(real):
 
 
 class _LoopbackGrid:
-  """An in-process Flower Grid: every message goes to `flower.client_app` with the node's own
+  """An in-process Flower Grid: every message goes to `apps.client_app` with the node's own
   persistent Context; `tamper(message, reply)` may replace a reply."""
 
   def __init__(self, run_config, num_clients, tamper, cache_dir):
@@ -544,11 +544,11 @@ class _LoopbackGrid:
   def send_and_receive(self, messages, *, timeout=None):
     from flwr.app import Error, Message
 
-    from fedbif_jax.deploy import flower
+    from fedbif_jax.deploy import apps
     replies = []
     for message in messages:
       try:
-        reply = flower.client_app(message, self.contexts[message.metadata.dst_node_id])
+        reply = apps.client_app(message, self.contexts[message.metadata.dst_node_id])
       except Exception as e:  # what a SuperNode reports when a ClientApp raises
         reply = Message(Error(code=2, reason=repr(e)), reply_to=message)
       replies.append(self.tamper(message, reply))
@@ -560,8 +560,8 @@ def test_server_drops_a_garbage_client_and_finishes_the_round(tmp_path, real, se
   with the other two clients (weights renormalised), the reasons are logged and recorded."""
   from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-  from fedbif_jax.deploy import flower
-  run_config = flower.launcher_run_config(CONFIG, OVERRIDES, str(tmp_path), 60, 10)
+  from fedbif_jax.deploy import apps, runconfig
+  run_config = runconfig.launcher_run_config(CONFIG, OVERRIDES, str(tmp_path), 60, 10)
   rng = np.random.default_rng(1)
 
   def tamper(message, reply):
@@ -571,7 +571,7 @@ def test_server_drops_a_garbage_client_and_finishes_the_round(tmp_path, real, se
     if (t, client) == (0, 1):
       garbage = rng.integers(0, 256, 5000, dtype=np.uint8)
     elif (t, client) == (1, 2):
-      decoded = wire.decode(flower.read_array(reply.content, "uplink", "x")[0].tobytes())
+      decoded = wire.decode(apps.read_array(reply.content, "uplink", "x")[0].tobytes())
       parent, key = _first(decoded, lambda v: isinstance(v, np.ndarray) and v.dtype == np.float32)
       parent[key] = np.full_like(parent[key], np.nan)
       garbage = np.frombuffer(wire.encode(decoded), np.uint8)
@@ -582,7 +582,7 @@ def test_server_drops_a_garbage_client_and_finishes_the_round(tmp_path, real, se
                    reply_to=message)
 
   grid = _LoopbackGrid(run_config, 3, tamper, str(tmp_path / "cache"))
-  summary = flower.run_server(grid, _config("fedbif"), str(tmp_path), round_timeout=60,
+  summary = apps.run_server(grid, _config("fedbif"), str(tmp_path), round_timeout=60,
                               node_timeout=10)
   with open(tmp_path / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]

@@ -1,4 +1,8 @@
-"""`fedbif_jax.records`: reading back a run's line-per-round files."""
+"""`fedbif_jax.records`: a run's line-per-round files, atomic JSON writes and the summary."""
+import json
+
+import ml_collections
+
 from fedbif_jax import records
 
 
@@ -7,3 +11,54 @@ def test_read_jsonl_drops_a_torn_tail_and_reads_a_missing_file_as_empty(tmp_path
   path.write_text('{"round": 0}\n{"round": 1}\n{"round": 2, "to')
   assert records.read_jsonl(str(path)) == [{"round": 0}, {"round": 1}]
   assert records.read_jsonl(str(tmp_path / "none.jsonl")) == []
+
+
+def test_rewind_keeps_the_rounds_before_a_checkpoint_and_drops_a_torn_last_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"round": 0}\n{"round": 1}\n{"round": 2}\n{"round": 3, "tor')
+  assert records.rewind_jsonl(str(path), 2) == [{"round": 0}, {"round": 1}]
+  assert path.read_text() == '{"round": 0}\n{"round": 1}\n'
+  path.write_text('{"round": 0}\n{"round": 1, "tor')
+  assert records.rewind_jsonl(str(path), 5) == [{"round": 0}]
+  assert path.read_text() == '{"round": 0}\n'
+  records.append_jsonl(str(path), {"round": 1, "x": 0.5})
+  assert records.read_rounds(str(path), 2) == [{"round": 0}, {"round": 1, "x": 0.5}]
+  assert records.read_rounds(str(path), 1) == [{"round": 0}]
+
+
+def test_write_json_atomic_replaces_the_file_and_leaves_no_tmp(tmp_path):
+  path = tmp_path / "summary.json"
+  path.write_text("old")
+  records.write_json_atomic(str(path), {"b": 1, "a": [1.5, None]})
+  assert json.loads(path.read_text()) == {"a": [1.5, None], "b": 1}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+  assert records.read_json(str(path)) == {"a": [1.5, None], "b": 1}
+  assert records.read_json(str(tmp_path / "none.json")) is None
+
+
+def _row(t, acc, loss, up_bytes, down_bytes, **more):
+  return {"round": t, "test_accuracy": acc, "test_loss": loss, "train_loss": 1.0,
+          "uplink_bpp": 1.0 + t, "downlink_bpp": 4.0, "uplink_total_bpp": 1.5 + t,
+          "downlink_total_bpp": 4.5, "sparsity": 0.1 * (t + 1),
+          "cumulative_uplink_bytes": up_bytes, "cumulative_downlink_bytes": down_bytes,
+          "cumulative_bytes": up_bytes + down_bytes, "wall_seconds": 2.0, **more}
+
+
+def test_summary_of_hand_made_rows():
+  config = ml_collections.ConfigDict({"algorithm": "fedbif"})
+  rows = [_row(0, 0.5, 2.0, 10, 40), _row(1, 0.7, 1.0, 20, 80),
+          _row(2, 0.6, 1.5, 30, 120, uplink_coded_bpp=0.9)]
+  rows[1].update(validation_accuracy=0.8, validation_loss=0.9)
+  summary = records.summary(rows, config)
+  environment = summary.pop("environment")
+  assert {"fedbif_jax", "jax", "backend", "devices", "processes"} <= set(environment)
+  assert summary == {
+      "algorithm": "fedbif", "rounds": 3,
+      "final_accuracy": 0.6, "best_accuracy": 0.7, "best_round": 1, "final_loss": 1.5,
+      "final_validation_accuracy": 0.8, "best_validation_accuracy": 0.8,
+      "best_validation_round": 1, "final_validation_loss": 0.9,
+      "final_sparsity": 0.30000000000000004, "mean_uplink_bpp": 2.0, "mean_downlink_bpp": 4.0,
+      "mean_uplink_total_bpp": 2.5, "mean_downlink_total_bpp": 4.5,
+      "total_bytes": 150, "total_uplink_bytes": 30, "total_downlink_bytes": 120,
+      "wall_seconds": 6.0, "mean_uplink_coded_bpp": 0.9}
+  assert records.mean_coded_bpp(rows[:2]) == {}

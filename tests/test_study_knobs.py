@@ -24,8 +24,9 @@ from fedbif_jax import metrics as metrics_lib
 from fedbif_jax import models as models_lib
 from fedbif_jax.algorithms import fedbif as fedbif_lib
 from fedbif_jax.errors import ConfigError
-from fedbif_jax.train import build_job, train_and_evaluate
 from fedbif_jax.pytrees import Bits
+from fedbif_jax.rounds import build_job
+from fedbif_jax.train import train_and_evaluate
 
 
 # ------------------------------------------------------------------ virtual bits' init and step

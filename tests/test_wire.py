@@ -363,15 +363,15 @@ def test_stacked_coded_sizes_are_each_clients_encoding():
 
 
 def test_ledger_with_the_entropy_codec_counts_the_coded_bytes():
-  from fedbif_jax import train as train_lib
+  from fedbif_jax import records, rounds
   values = np.stack([_skewed(8000, seed=s) for s in (1, 2)])
   uplinks = {"weights": {"k": Bits(values, np.array([4, 4], np.int32))}}
   downlink = {"weights": {"k": Bits(_skewed(8000, seed=9), np.int32(4))},
               "step": np.float32(0.5)}
-  packed = train_lib.traffic(downlink, uplinks, 8000)
+  packed = rounds.traffic(downlink, uplinks, 8000)
   assert set(packed) == {"uplink_bits", "downlink_bits", "uplink_bpp", "downlink_bpp",
                          "uplink_total_bpp", "downlink_total_bpp"}
-  row = train_lib.traffic(downlink, uplinks, 8000, "entropy")
+  row = rounds.traffic(downlink, uplinks, 8000, "entropy")
   up = [wire.encode(wire.unstack(uplinks, i), "entropy") for i in range(2)]
   down = wire.encode(downlink, "entropy")
   assert row["uplink_bits"] == 8 * sum(map(len, up)) and row["downlink_bits"] == 16 * len(down)
@@ -384,10 +384,10 @@ def test_ledger_with_the_entropy_codec_counts_the_coded_bytes():
   assert SKEWED_H < row["downlink_coded_bpp"] < SKEWED_H + 0.05
   assert row["uplink_entropy_bpp"] == pytest.approx(SKEWED_H, rel=1e-12)
   assert row["downlink_entropy_bpp"] == pytest.approx(SKEWED_H, rel=1e-12)
-  assert set(train_lib.mean_coded_bpp([row, row])) == {
+  assert set(records.mean_coded_bpp([row, row])) == {
       "mean_uplink_coded_bpp", "mean_downlink_coded_bpp", "mean_uplink_entropy_bpp",
       "mean_downlink_entropy_bpp"}
-  assert train_lib.mean_coded_bpp([packed]) == {}
+  assert records.mean_coded_bpp([packed]) == {}
 
 
 def _entropy_node(k_codes_counts, nwords_words=(0, b""), shape=(8,), dtype_code=1, width=4):

@@ -4,7 +4,9 @@ from fedbif_jax.data.augment import augment_batch
 from fedbif_jax.data.augment import AUGMENTATIONS
 from fedbif_jax.data.augment import normalize
 from fedbif_jax.data.augment import random_crop_flip
+from fedbif_jax.data.batching import compact_schedule
 from fedbif_jax.data.batching import eval_batches
+from fedbif_jax.data.batching import pad_steps
 from fedbif_jax.data.batching import round_batches
 from fedbif_jax.data.batching import steps_per_epoch
 from fedbif_jax.data.partition import describe_partition
@@ -28,12 +30,14 @@ __all__ = [
     "augment_batch",
     "channel_stats",
     "check_labels",
+    "compact_schedule",
     "describe_partition",
     "dirichlet_partition",
     "eval_batches",
     "iid_partition",
     "load_dataset",
     "normalize",
+    "pad_steps",
     "partition",
     "random_crop_flip",
     "round_batches",

@@ -2,8 +2,9 @@
 
 This module owns the index/mask layouts that let one jitted step function run
 over clients of different sizes: every client gets the same number of steps,
-padding entries carry index 0 and mask 0. Only indices are produced here; the
-caller gathers the images.
+padding entries carry index 0 and mask 0 (`round_batches`; `pad_steps` pads a round's schedule
+to the job's fixed step count, `compact_schedule` moves each client's real steps first for the
+sequential backend). Only indices are produced here; the caller gathers the images.
 """
 
 from typing import Sequence
@@ -53,6 +54,27 @@ def round_batches(client_indices: Sequence[np.ndarray], batch_size: int,
       mask[k, start:start + len(indices)] = 1.0
   shape = (len(clients), epochs * spe, batch_size)
   return idx.reshape(shape), mask.reshape(shape)
+
+
+def compact_schedule(idx: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Moves each client's real steps (mask not all zero) to the front, keeping their order.
+
+  Masked steps are exact no-ops, so this changes no result; it lets the sequential backend stop
+  after a client's last real step. Returns (idx, mask, real_steps int [C]).
+  """
+  real = mask.sum(axis=-1) > 0                                   # [C, S]
+  order = np.argsort(~real, axis=1, kind="stable")
+  take = lambda a: np.take_along_axis(a, order[..., None], axis=1)
+  return take(idx), take(mask), real.sum(axis=1)
+
+
+def pad_steps(idx: np.ndarray, mask: np.ndarray, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Pads a [C, S, B] schedule with fully masked steps (exact no-ops) to `num_steps` steps."""
+  pad = num_steps - idx.shape[1]
+  if pad <= 0:
+    return idx, mask
+  zeros = lambda a: np.zeros((a.shape[0], pad) + a.shape[2:], a.dtype)
+  return np.concatenate([idx, zeros(idx)], axis=1), np.concatenate([mask, zeros(mask)], axis=1)
 
 
 def eval_batches(num_samples: int,

@@ -2,11 +2,11 @@
 the config alone. Flower 1.42 runs a ClientApp in a fresh ``flwr-clientapp`` process for every
 message (in both ``--isolation`` modes), so nothing in a process's memory outlives its message.
 
-* The client's data set: the training and test sets as `train.build_job` loads them (after the
+* The client's data set: the training and test sets as `rounds.build_job` loads them (after the
   subsets and the validation hold-out), written once to ``<cache-dir>/data-<key>.npz`` and then
   read through the ordinary ``npz`` source (`data_config`). That skips the original source
   (scikit-learn's import for the digits, a large .npz file, tfds) and the subsetting; the
-  partition, model, algorithm and keys are still built from the config by `train.build_job`,
+  partition, model, algorithm and keys are still built from the config by `rounds.build_job`,
   so the client's job is the one the server and the simulator build. The key hashes
   ``config.data`` and the seed (and, for an npz source, the file's size and modification time).
   The file also holds the data set's name, mean and std; a job built from it whose data set
@@ -69,12 +69,12 @@ def save_dataset(path: str, dataset) -> bool:
 
 
 def _cached_job(config, path: str):
-  """`train.build_job` over the data set cached at `path`; ValueError when it is not the data set
+  """`rounds.build_job` over the data set cached at `path`; ValueError when it is not the data set
   that was cached."""
-  from fedbif_jax import train
+  from fedbif_jax import rounds
   with np.load(path, allow_pickle=False) as archive:
     name, mean, std = str(archive["name"]), archive["mean"], archive["std"]
-  job = train.build_job(data_config(config, path, name))
+  job = rounds.build_job(data_config(config, path, name))
   dataset = job.dataset
   if not (dataset.name == name and np.array_equal(dataset.mean, mean)
           and np.array_equal(dataset.std, std)):

@@ -1,12 +1,13 @@
 """The server's and a client's part of a round, independent of the transport (no flwr import).
 
-Owns what the Flower apps (`flower.py`) run on each side. Both sides build the simulator's own
-pieces from the config (`train.build_job`: data, partition, model, algorithm, local training,
+Owns what the Flower apps (`apps.py`) run on each side. Both sides build the simulator's own
+pieces from the config (`rounds.build_job`: data, partition, model, algorithm, local training,
 keys; a client may read its data set from its SuperNode's cache, `cache.client_role`) and plan
-round t with `train.plan_round`, so a deployment computes the simulator's rounds:
+round t with `rounds.plan_round`; the server's half of a round is `rounds.Server`'s, the
+simulator's, so a deployment computes the simulator's rounds. What is Flower's is here:
 
-* `Server.open_round(t)`: the plan (selected client ids, weights, schedule, keys), the downlink
-  of ``algorithm.broadcast`` and its `wire.encode` bytes with the config's ``wire_codec`` (one
+* `Server.open_round(t)`: `rounds.Server.open_round` (the plan: selected client ids, weights,
+  schedule, keys; the downlink of ``algorithm.broadcast``) and the downlink's `wire.encode` bytes with the config's ``wire_codec`` (one
   message, sent to every selected client), and the spec of the uplink this round expects
   (`payload.uplink_spec`);
 * `Client.train(t, client_id, downlink, state)`: decodes the downlink and runs the library's
@@ -16,18 +17,18 @@ round t with `train.plan_round`, so a deployment computes the simulator's rounds
 * `Server.close_round(round, replies)`: validates every reply (`payload.validate` for the bytes,
   with the config's ``wire_codec``; finite non-negative numbers for the metrics). A client
   whose reply is missing or malformed is dropped with a logged one-line reason; the others are
-  aggregated (``algorithm.aggregate``) with the plan's weights renormalised over them
+  aggregated (`rounds.Server.close_round`: ``algorithm.aggregate``, evaluation, divergence
+  check, the ledger of `rounds.traffic`) with the plan's weights renormalised over them
   (unchanged when nobody is dropped; with nobody accepted the model stays, and the row's bpp
-  are NaN). Then the global model is evaluated and the round's row is returned: accuracy and
-  losses, who was accepted or dropped and why, which clients had lost their state
-  (``state_lost``), the ledger of `train.traffic` over the accepted clients, and the payload
-  bytes actually sent and received.
+  are NaN). The round's row is returned: accuracy and losses, who was accepted or dropped and
+  why, which clients had lost their state (``state_lost``), the ledger over the accepted
+  clients, and the payload bytes actually sent and received.
 
 With every client accepted, the server state after round t equals the simulator's bit for bit on
 the same backend (``parallel=sequential``, the CPU default): the same jitted functions see the same
 values, only their route differs (encoded, sent, decoded). Other backends agree to float rounding.
 
-Resume. Everything random in round t derives from the config and t (`train.plan_round`), so a
+Resume. Everything random in round t derives from the config and t (`rounds.plan_round`), so a
 round depends only on the state before it: the server's (`Server.save` / `Server.restore`: the
 simulator's orbax checkpoints, `train.checkpoint_manager`) and each client's own. A client keeps
 its state on its own disk (`StateFiles`, one file per round it trained, under a random key that
@@ -52,13 +53,12 @@ import numpy as np
 
 from fedbif_jax import metrics as metrics_lib
 from fedbif_jax import parallel
-from fedbif_jax import train as train_lib
+from fedbif_jax import rounds
 from fedbif_jax import wire
 from fedbif_jax.client import TrainData
 from fedbif_jax.deploy import payload as payload_lib
 from fedbif_jax.deploy.payload import PayloadError
 from fedbif_jax.errors import check
-from fedbif_jax import xla_options
 from fedbif_jax.algorithms.base import RoundInfo
 
 log = logging.getLogger("fedbif_jax")
@@ -67,7 +67,7 @@ log = logging.getLogger("fedbif_jax")
 class Round(NamedTuple):
   """Round t as the server opened it."""
   t: int
-  plan: train_lib.RoundPlan
+  plan: rounds.RoundPlan
   downlink: Any          # the broadcast payload (on the device)
   message: np.ndarray    # uint8, wire.encode(downlink, wire_codec): what every client receives
   spec: Any              # the uplink every client must send (`payload.uplink_spec`)
@@ -121,27 +121,22 @@ class Server:
           "round)", config.eval_every)
     check(config.eval_test, "eval_test", "True in a Flower deployment", config.eval_test)
     self.config = config
-    self.job = job = train_lib.build_job(config)
-    algorithm = job.algorithm
-    # Committed to the first device like the simulator's, so that placements (and compiled
-    # programs) agree.
-    self.state = jax.device_put(algorithm.init(job.k_server, job.variables),
-                                jax.local_devices()[0])
-    self._broadcast = xla_options.jit(algorithm.broadcast, "server")
-    self._aggregate = xla_options.jit(algorithm.aggregate, "server")
-    self._evaluate = metrics_lib.make_evaluator(job.model, algorithm.eval_variables, job.dataset,
-                                                config.eval_batch_size)
-    self._client_state = jax.eval_shape(algorithm.init_client, job.k_clients, job.variables)
+    self.job = job = rounds.build_job(config)
+    # The simulator's server: the same jitted functions, the same placement of the state.
+    self.core = rounds.Server.of_job(config, job)
+    self._evaluate = metrics_lib.make_evaluator(job.model, job.algorithm.eval_variables,
+                                                job.dataset, config.eval_batch_size)
+    self._client_state = jax.eval_shape(job.algorithm.init_client, job.k_clients, job.variables)
     # Names this run to the clients (their state files); a resumed run keeps its checkpoint's.
     self.run_key = uuid.uuid4().hex
 
-  def save(self, manager, rounds: int) -> None:
-    """Checkpoints the state after `rounds` rounds (orbax step `rounds`, with the run key) and
+  def save(self, manager, done: int) -> None:
+    """Checkpoints the state after `done` rounds (orbax step `done`, with the run key) and
     waits until it is on disk: the next round starts only then, so a client is never more than
     one round ahead of the newest checkpoint (`StateFiles` keeps what a resume needs)."""
     import orbax.checkpoint as ocp
     key = np.frombuffer(bytes.fromhex(self.run_key), np.uint8)
-    manager.save(rounds, args=ocp.args.StandardSave({"server": self.state, "run_key": key}))
+    manager.save(done, args=ocp.args.StandardSave({"server": self.core.state, "run_key": key}))
     manager.wait_until_finished()
 
   def restore(self, manager) -> int:
@@ -152,17 +147,22 @@ class Server:
     if step is None:
       return 0
     restored = manager.restore(step, args=ocp.args.StandardRestore())
-    self.state = jax.device_put(restored["server"], jax.local_devices()[0])
+    self.core.restore(restored["server"])
     self.run_key = np.asarray(restored["run_key"], np.uint8).tobytes().hex()
     return int(step)
 
+  @property
+  def state(self) -> Any:
+    """The global state (`rounds.Server.state`)."""
+    return self.core.state
+
   def open_round(self, t: int) -> Round:
-    started = time.time()
-    plan = train_lib.plan_round(self.config, self.job, t)
-    downlink = self._broadcast(self.state, plan.broadcast_key, plan.info)
-    spec = payload_lib.uplink_spec(self.job.local, downlink, self._client_state, plan.keys[0])
-    return Round(t, plan, downlink, payload_lib.to_array(downlink, self.config.wire_codec), spec,
-                 started)
+    opened = self.core.open_round(t)
+    spec = payload_lib.uplink_spec(self.job.local, opened.downlink, self._client_state,
+                                   opened.plan.keys[0])
+    return Round(t, opened.plan, opened.downlink,
+                 payload_lib.to_array(opened.downlink, self.config.wire_codec), spec,
+                 opened.started)
 
   def close_round(self, rnd: Round, replies: Mapping[int, Reply | str]) -> dict:
     """Validates, aggregates the accepted clients and evaluates; returns the round's row.
@@ -172,9 +172,10 @@ class Server:
       replies: by client id, a `Reply` or a reason why there is none (e.g. a transport error);
         a selected client absent from the mapping counts as "no reply".
     Raises:
-      train.TrainingDiverged: the aggregated model has a non-finite loss.
+      rounds.TrainingDiverged: the aggregated model has a non-finite loss.
     """
     t, ids = rnd.t, [int(c) for c in rnd.plan.ids]
+    evaluate = lambda state: dict(zip(("test_accuracy", "test_loss"), self._evaluate(state)))
     accepted, uplinks, loss_sums, counts, dropped, state_lost = [], [], [], [], {}, []
     received = accepted_bytes = 0
     for i, c in enumerate(ids):
@@ -211,53 +212,52 @@ class Server:
       stacked = _stack(uplinks)
       client_metrics = {"loss_sum": jnp.asarray(np.array(loss_sums, np.float32)),
                         "count": jnp.asarray(np.array(counts, np.float32))}
-      new_state = self._aggregate(self.state, rnd.downlink, stacked, weights, client_metrics)
-      row.update(train_lib.traffic(rnd.downlink, stacked, self.job.num_weights,
-                                   self.config.wire_codec))
       train_loss = float(np.sum(loss_sums) / max(np.sum(counts), 1.0))
+      opened = rounds.OpenRound(t, rnd.plan, rnd.downlink, rnd.started)
+      closed = self.core.close_round(opened, stacked, weights, client_metrics, evaluate,
+                                     train_loss=train_loss)
+      row.update(closed.traffic)
+      evaluated, sparsity = closed.evaluated, closed.sparsity
     else:
       log.error("round %d: no client's uplink was accepted; the global model is unchanged", t)
-      new_state, train_loss = self.state, float("nan")
+      train_loss = float("nan")
       # The ledger of no uplinks: no bits, and bits per weight undefined (NaN, as in the
       # summary's means over the rounds).
       row.update({"uplink_bits": 0, "downlink_bits": 0,
                   **{f"{d}_{k}bpp": float("nan") for d in ("uplink", "downlink")
                      for k in ("", "total_")}})
-    test_acc, test_loss = self._evaluate(new_state)
-    if not math.isfinite(test_loss) or (accepted and not math.isfinite(train_loss)):
-      raise train_lib.TrainingDiverged(
-          f"round {t}: non-finite loss (train {train_loss}, test {test_loss}); stopped")
-    self.state = new_state
+      evaluated, sparsity = evaluate(self.state), metrics_lib.sparsity(rnd.downlink)
+      if not math.isfinite(evaluated["test_loss"]):
+        raise rounds.diverged(t, {"train": train_loss, "test": evaluated["test_loss"]})
     row.update({
-        "test_accuracy": test_acc,
-        "test_loss": test_loss,
+        **evaluated,
         "train_loss": train_loss,
         # Payload bytes that crossed the transport (wire.encode output, no transport framing).
         "downlink_message_bytes": int(rnd.message.size),
         "downlink_bytes_sent": int(rnd.message.size) * len(ids),
         "uplink_bytes_received": received,
         "uplink_bytes_accepted": accepted_bytes,
-        "sparsity": metrics_lib.sparsity(rnd.downlink),
+        "sparsity": sparsity,
         "wall_seconds": time.time() - rnd.started,
     })
     return row
 
   def eval_variables(self) -> Any:
-    return self.job.algorithm.eval_variables(self.state)
+    return self.core.eval_variables()
 
 
 class Client:
   """One process's client side: local training of whichever client id a message names."""
 
-  def __init__(self, config: ml_collections.ConfigDict, job: train_lib.Job | None = None):
-    """`job`: `train.build_job` of a config that differs from `config` in where its data set is
+  def __init__(self, config: ml_collections.ConfigDict, job: rounds.Job | None = None):
+    """`job`: `rounds.build_job` of a config that differs from `config` in where its data set is
     read from only (`cache.data_config`); built from `config` when None."""
     # A deployment evaluates the test set every round (no validation split, no schedule).
     check(config.eval_every == 1, "eval_every", "1 in a Flower deployment (it evaluates every "
           "round)", config.eval_every)
     check(config.eval_test, "eval_test", "True in a Flower deployment", config.eval_test)
     self.config = config
-    self.job = job = train_lib.build_job(config) if job is None else job
+    self.job = job = rounds.build_job(config) if job is None else job
     # One client per message: its steps run on this process's first device only.
     self._runner = parallel.make_runner(config.parallel, job.local, config.unroll, client_devices=1)
     self._data = self._runner.place(TrainData(job.dataset.x_train, job.dataset.y_train))
@@ -275,7 +275,7 @@ class Client:
     None when round t is its first."""
     c = self.config
     for r in range(t - 1, -1, -1):
-      if int(client_id) in train_lib.sample_clients(c.seed, r, c.num_clients, c.clients_per_round):
+      if int(client_id) in rounds.sample_clients(c.seed, r, c.num_clients, c.clients_per_round):
         return r
     return None
 
@@ -292,7 +292,7 @@ class Client:
     Raises PayloadError for a downlink that does not decode, ValueError when the client is not
     selected in round t.
     """
-    plan = train_lib.plan_round(self.config, self.job, t)
+    plan = rounds.plan_round(self.config, self.job, t)
     where = np.flatnonzero(plan.ids == int(client_id))
     if not where.size:
       raise ValueError(f"client {client_id} is not selected in round {t} "
