@@ -9,7 +9,7 @@ leaves out the cuDNN convolutions) and reports the achieved TFLOP/s against the
 device's measured float32 matmul peak (JAX's default precision, so TF32 on tensor-core GPUs),
 and the time a 200-round run would take.
 
-Usage (one GPU; on an H200 each backend took about 2 minutes, compile and CPU FLOP count included:
+Usage (one GPU; on an H200 each backend took about 2 minutes, compile included:
 docs/GPU.md):
   python benchmarks/paper_round.py --out=$OUT/paper_round.json
   python benchmarks/paper_round.py --smoke      # seconds on a CPU: tiny sizes, the small CNN
@@ -55,11 +55,13 @@ def main() -> None:
 
   result = {"device": device.device_kind, "platform": jax.default_backend(),
             "jax": jax.__version__, "scale": scale, "peak_tflops": peak / 1e3, "rows": []}
+  flops_cache = {}  # one CPU compile of the step for every backend
   for backend in [b for b in args.backends.split(",") if b]:
     t = time.perf_counter()
     row = bench_ours(scale["model"], "fedbif", backend, scale["clients"], scale["per_client"],
                      scale["batch"], scale["epochs"], 1, x, y,
-                     unroll=args.unroll if backend == "sequential" else 1, client_devices=1)
+                     unroll=args.unroll if backend == "sequential" else 1, client_devices=1,
+                     flops_cache=flops_cache)
     row.update(tflops_per_s=row["gflops_per_s"] / 1e3,
                fraction_of_peak=row["gflops_per_s"] / peak,
                minutes_for_200_rounds=row["round_s"] * ROUNDS_OF_A_PAPER_RUN / 60,
