@@ -74,7 +74,7 @@ import numpy as np
 
 
 from fedbif_jax.config import base_config, set_fields
-from fedbif_jax.records import read_jsonl
+from fedbif_jax.records import read_json, read_jsonl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TUNED = os.path.join(HERE, "tuned.json")
@@ -271,10 +271,7 @@ def grid_runs(grid: str, smoke: bool = False) -> list[Run]:
 # ------------------------------------------------------------------------------------- tuning
 def read_tuned(path: str) -> dict:
   """The chosen values: {"methods": {method: {"overrides": {...}, ...}}, ...} (empty if none)."""
-  if not os.path.exists(path):
-    return {"methods": {}}
-  with open(path) as f:
-    return json.load(f)
+  return read_json(path) or {"methods": {}}
 
 
 def run_config(base: ml_collections.ConfigDict, run: Run,
