@@ -145,12 +145,15 @@ class _Store:
       self.scatter(np.asarray(saved["ids"]), saved["states"])
 
 
-def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
+def checkpoint_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
   """The orbax manager of ``<workdir>/checkpoints``: step N holds the state after N rounds; orbax
   writes each step to a temporary directory and renames it when complete (a killed writer
-  leaves no half checkpoint), and the last 2 steps are kept."""
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  leaves no half checkpoint), and the last 2 steps are kept. `read_only`: for readers, it
+  neither creates the directory nor deletes old steps."""
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=not read_only,
+                                           read_only=read_only))
 
 
 def check_writable(workdir: str) -> None:
@@ -234,7 +237,9 @@ def load_global(workdir: str, step: int | None = None) -> GlobalModel:
     raise ConfigError(f"workdir: {workdir!r} holds no config.json (not a run's workdir)")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  manager = checkpoint_manager(workdir)
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ConfigError(f"workdir: {workdir!r} has no checkpoints/ (checkpoint_every was 0?)")
+  manager = checkpoint_manager(workdir, read_only=True)
   steps = manager.all_steps()
   if not steps or (step is not None and step not in steps):
     raise ConfigError(f"workdir: {manager.directory} has no checkpoint"

@@ -89,6 +89,14 @@ def test_load_global_without_a_run_is_one_line(tmp_path):
     fedbif_jax.load_global(str(tmp_path))
 
 
+def test_load_global_without_checkpoints_creates_nothing(tmp_path):
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"algorithm": "fedavg"}, f)
+  with pytest.raises(fedbif_jax.ConfigError, match="has no checkpoints/"):
+    fedbif_jax.load_global(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["config.json"]   # a reader leaves the workdir as it was
+
+
 def test_callbacks_get_every_row_as_written(python_run):
   _, workdir, _, seen, _ = python_run
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
