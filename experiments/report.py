@@ -516,6 +516,40 @@ def ablation_section(table, abl, rel, fig_dir) -> list[str]:
                   f"![fig4]({rel('ablation_variants.png')})", ""]
 
 
+def plane_usage(run) -> dict[int, tuple[int, float]] | None:
+  """{bit plane: (rounds it was trained, its mean `bit_flip_rate` over those rounds)} of a FedBiF
+  run whose metrics.jsonl logs them (``active_bits``, ``bit_flip_rate``); None otherwise."""
+  rates = defaultdict(list)
+  for row in run["metrics"]:
+    for bit, rate in zip(row.get("active_bits", ()), row.get("bit_flip_rate", ())):
+      rates[int(bit)].append(float(rate))
+  return {b: (len(r), float(np.mean(r))) for b, r in sorted(rates.items())} or None
+
+
+def planes_section(groups) -> list[str]:
+  """How often each bit plane was trained and how much the clients flipped it, per group of
+  runs ((label, partition label, runs)); groups whose runs do not log it are left out."""
+  lines = []
+  for label, partition, runs in groups:
+    usage = [u for u in (plane_usage(r) for r in runs if r["summary"]) if u]
+    if not usage:
+      continue
+    bits = sorted({b for u in usage for b in u}, reverse=True)
+    trained = ", ".join(f"{np.mean([u.get(b, (0, 0))[0] for u in usage]):.1f}" for b in bits)
+    flipped = ", ".join(
+        f"{100 * np.mean([u[b][1] for u in usage if b in u]):.2f}" for b in bits)
+    lines.append(f"| {label} | {partition} | {len(usage)} | {trained} | {flipped} |")
+  if not lines:
+    return []
+  return ["## Bit planes: how often each was trained, how much the clients flipped it", "",
+          "From `active_bits` and `bit_flip_rate` in metrics.jsonl (runs made before these were "
+          "logged are left out). Planes from the most significant down; rounds: mean per run; "
+          "flip rate: the client-weighted share of uploaded bits that differ from the broadcast "
+          "bit, mean over the rounds the plane was trained and over runs.", "",
+          "| variant | partition | runs | rounds trained per plane (MSB first) | "
+          "flip rate per plane (%) |", "|---|---|---|---|---|"] + lines + [""]
+
+
 def bridge_section(bridge) -> list[str]:
   lines = ["## The BatchNorm-free CNN (link to the earlier study; IID, seed 0)", "",
            "| method | best acc | final acc | total MB |", "|---|---|---|---|"]
@@ -719,6 +753,9 @@ def write_report(root: str, out: str, tuned_path: str = DEFAULT_TUNED, smoke: bo
     lines += bridge_section(bridge)
   if runs.get("beyond"):
     lines += beyond_section(table, runs["beyond"], targets)
+  lines += planes_section(
+      [(LABELS[v], PARTITION_LABELS[p], rs) for grid in ("table1", "beyond", "ablations")
+       for (v, p), rs in sorted(runs.get(grid, {}).items()) if grid != "table1" or v != "fedavg"])
   found = claims(table, abl, partitions, targets)
   lines += ["## The paper's claims, re-judged at this scale", ""]
   lines += found or ["No claim can be checked yet: too few finished runs."]

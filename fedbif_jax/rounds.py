@@ -251,6 +251,7 @@ class ClosedRound(NamedTuple):
   evaluated: dict        # what the caller's evaluate returned, e.g. test_accuracy, test_loss
   traffic: dict          # `traffic` of the round's payloads
   sparsity: float        # of the downlink (`metrics.sparsity`)
+  stats: dict            # ``algorithm.round_stats`` as plain numbers and lists ({} without one)
 
 
 class Server:
@@ -278,6 +279,8 @@ class Server:
     self.state = jax.device_put(algorithm.init(key, variables), self.device)
     self._broadcast = xla_options.jit(algorithm.broadcast, "server")
     self._aggregate = xla_options.jit(algorithm.aggregate, "server")
+    self._round_stats = (xla_options.jit(algorithm.round_stats, "server")
+                         if algorithm.round_stats is not None else None)
 
   @classmethod
   def of_job(cls, config: ml_collections.ConfigDict, job: Job) -> "Server":
@@ -327,9 +330,12 @@ class Server:
     if not all(math.isfinite(v) for v in losses.values()):
       raise diverged(rnd.t, losses)
     self.state = new_state
+    stats = ({} if self._round_stats is None else
+             {k: np.asarray(v).tolist()
+              for k, v in jax.device_get(self._round_stats(rnd.downlink, uplinks, weights)).items()})
     return ClosedRound(train_loss, evaluated,
                        traffic(rnd.downlink, uplinks, self.num_weights, self.wire_codec),
-                       metrics_lib.sparsity(rnd.downlink))
+                       metrics_lib.sparsity(rnd.downlink), stats)
 
   def eval_variables(self) -> Any:
     """The global model's Flax variables."""

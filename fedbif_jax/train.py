@@ -401,6 +401,7 @@ def _train_and_evaluate(config, workdir: str, callbacks: tuple) -> TrainResult:
         "cumulative_downlink_bytes": cum_down,
         "cumulative_bytes": cum_up + cum_down,
         "sparsity": closed.sparsity,
+        **closed.stats,
         "client_state_bytes": store.nbytes(),
         "wall_seconds": time.time() - rnd.started,
     }

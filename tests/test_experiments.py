@@ -206,3 +206,22 @@ def test_paired_verdict_compares_seed_by_seed():
   assert "**no better (within noise)**" in mixed and "best -1.0 ± 2.0" in mixed
   # A variant seed with no default run of the same seed is left out.
   assert "no default FedBiF-1/4 run of the same seed" in verdict([_paired_run(7, [0.9])])
+
+
+def test_planes_section_counts_rounds_and_averages_flip_rates_by_hand():
+  # Run A trains bit 3, 2, 3 (rates 0.02, 0.01, 0.04); run B bit 3, 1 (0.06, 0.03); a run from
+  # before the fields were logged is left out of both.
+  a = _paired_run(0, [0.4, 0.5, 0.6])
+  for row, bit, rate in zip(a["metrics"], (3, 2, 3), (0.02, 0.01, 0.04)):
+    row.update(active_bits=[bit], bit_flip_rate=[rate])
+  b = _paired_run(1, [0.4, 0.5])
+  for row, bit, rate in zip(b["metrics"], (3, 1), (0.06, 0.03)):
+    row.update(active_bits=[bit], bit_flip_rate=[rate])
+  assert report_lib.plane_usage(a) == {2: (1, pytest.approx(0.01)), 3: (2, pytest.approx(0.03))}
+  lines = report_lib.planes_section([("V", "IID", [a, b, _paired_run(2, [0.5])]),
+                                     ("W", "IID", [_paired_run(0, [0.5])])])
+  # Rounds per plane, MSB first (3, 2, 1): A (2, 1, 0), B (1, 0, 1) -> 1.5, 0.5, 0.5.
+  # Flip rates over the runs that trained the plane: bit 3 (3% + 6%) / 2, bit 2 1%, bit 1 3%.
+  assert "| V | IID | 2 | 1.5, 0.5, 0.5 | 4.50, 1.00, 3.00 |" in lines
+  assert not any(line.startswith("| W ") for line in lines)   # no run of W logs planes
+  assert report_lib.planes_section([("W", "IID", [_paired_run(0, [0.5])])]) == []

@@ -19,6 +19,14 @@ EXACT_EVERYWHERE = ("round", "uplink_bits", "downlink_bits", "uplink_bpp", "down
                     "total_uplink_bytes", "total_downlink_bytes")
 
 
+def _same(key: str, got, want, exact: bool) -> bool:
+  if exact or key in EXACT_EVERYWHERE or not isinstance(want, float):
+    return got == want
+  if "accuracy" in key:
+    return abs(got - want) <= 0.02  # a few test images
+  return math.isclose(got, want, rel_tol=1e-2, abs_tol=1e-4)
+
+
 def _compare(actual: dict, expected: dict, exact: bool, where: str) -> list[str]:
   problems = []
   if set(actual) != set(expected):
@@ -26,12 +34,10 @@ def _compare(actual: dict, expected: dict, exact: bool, where: str) -> list[str]
             f"recorded {sorted(set(expected) - set(actual))}"]
   for key, want in expected.items():
     got = actual[key]
-    if exact or key in EXACT_EVERYWHERE or not isinstance(want, float):
-      same = got == want
-    elif "accuracy" in key:
-      same = abs(got - want) <= 0.02  # a few test images
+    if isinstance(want, list) and isinstance(got, list) and len(got) == len(want):
+      same = all(_same(key, g, w, exact) for g, w in zip(got, want))  # e.g. bit_flip_rate
     else:
-      same = math.isclose(got, want, rel_tol=1e-2, abs_tol=1e-4)
+      same = _same(key, got, want, exact)
     if not same:
       problems.append(f"{where}.{key}: {got!r} != recorded {want!r}")
   return problems

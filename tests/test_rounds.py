@@ -111,3 +111,29 @@ def test_plan_round_is_a_pure_function_of_the_config_and_t(tmp_path):
   assert a.idx.shape[1] == job.max_steps
   np.testing.assert_allclose(np.asarray(a.info.weights), [0.5, 0.5])
   assert records.read_jsonl(str(tmp_path / "none.jsonl")) == []
+
+
+def test_fedbif_rounds_report_the_active_plane_and_how_often_clients_flipped_it():
+  """FedBiF-1/4's `round_stats` through `close_round`: round 0 trains the MSB (bit 3). Client 0
+  uploads the broadcast MSBs unchanged, client 1 flips Dense_0's 6, client 2 all 12: with
+  uniform weights (0 + 6 + 12) / 3 = 6 of the 12 weights' bits differ, a flip rate of 0.5."""
+  from fedbif_jax import quant
+  from fedbif_jax.pytrees import Bits
+  server = _server("fedbif")
+  rnd = server.open_round(0)
+  sent = {name: quant.to_bits(rnd.downlink["weights"][name]["kernel"].values, 4)[3:4]
+                .astype(jnp.int32) for name in VARIABLES["params"]}
+  flips = {"Dense_0": (0, 1, 1), "Dense_1": (0, 0, 1)}   # per client: flip this leaf's bits?
+  uplinks = {
+      "weights": {name: {"kernel": Bits(jnp.stack([jnp.abs(bits - f) for f in flips[name]]),
+                                        jnp.asarray(1, jnp.int32))}
+                  for name, bits in sent.items()},
+      "other": {"Dense_0": {"bias": jnp.zeros((CLIENTS, 3))}}, "model_state": {}}
+  closed = server.close_round(rnd, uplinks, rnd.plan.info.weights, _metrics())
+  assert closed.stats["active_bits"] == [3]
+  assert closed.stats["bit_flip_rate"] == [pytest.approx(0.5)]
+  # An algorithm without round statistics adds nothing to the round's row.
+  server = _server()
+  rnd = server.open_round(0)
+  assert server.close_round(rnd, _uplinks(rnd.downlink)[1], rnd.plan.info.weights,
+                            _metrics()).stats == {}

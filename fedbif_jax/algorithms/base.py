@@ -12,6 +12,8 @@ The engine (`fedbif_jax/train.py`) calls them; it never looks inside the states 
   client_finish(downlink, client_state, local, key, stats) -> (uplink, client_state)
   aggregate(server_state, downlink, uplinks, weights, client_metrics) -> server_state
   eval_variables(server_state) -> variables                     # the global model to evaluate
+  round_stats(downlink, uplinks, weights) -> {name: array}      # optional (None): a round's
+                                                                # diagnostics for metrics.jsonl
 
 Local training between `client_start` and `client_finish` is the same for every algorithm (SGD on
 `LocalState.trainable`, see `fedbif_jax/client.py`), which composes them into
@@ -52,6 +54,7 @@ class Algorithm(NamedTuple):
   client_finish: Callable[..., tuple]
   aggregate: Callable[..., Any]
   eval_variables: Callable[..., Any]
+  round_stats: Callable[..., dict] | None = None
 
 
 def split_variables(variables: dict) -> tuple[Any, dict]:

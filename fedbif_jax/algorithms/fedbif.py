@@ -19,6 +19,9 @@ Round t:
 5. aggregate - Eq. 6 (`aggregate_bits`): the weighted mean of the clients' activated bits plus
    the frozen bits the server already knows. Client weights are the paper's uniform 1/|C^t| or the
    data shares p_k (Sec. 2.1), chosen by the engine. Full-precision leaves are averaged as FedAvg.
+6. round_stats - for metrics.jsonl, the round's activated planes and how often the clients
+   flipped each (the weighted share of uploaded bits that differ from the broadcast bit); the
+   ``flip_rate`` selector feeds the same rates into its state.
 
 The virtual bits' step (an open choice the paper leaves: it tunes one lr for everything). A
 virtual bit i receives lr * alpha * 2^i * dL/dw per SGD step (straight-through), while its
@@ -442,19 +445,30 @@ def make(predicate=pytrees.is_kernel, *, bits, active_bits, selector, order, fix
           state["selector"], downlink["active"], plane_flip_rates(uplinks, downlink, weights))
     return new_state
 
-  def plane_flip_rates(uplinks, downlink, weights):
-    """Per bit plane (float32 [m], 0 where inactive): the client-weighted share of uploaded
-    activated bits that differ from the broadcast bit, over every bit-trained weight."""
+  def active_flip_rates(uplinks, downlink, weights):
+    """Per activated plane, in `selectors.active_indices` order (float32 [s]): the
+    client-weighted share of uploaded bits that differ from the broadcast bit, over every
+    bit-trained weight."""
     idx = selectors.active_indices(downlink["active"], s)
     counts = [(selectors.disagreements(up.values, quant.to_bits(q.values, m, encoding)[idx],
                                        weights), q.values.size)
               for up, q in zip(jax.tree.leaves(uplinks["weights"], is_leaf=is_bits),
                                jax.tree.leaves(downlink["weights"], is_leaf=is_bits))]
-    total = sum(c for c, _ in counts) / sum(n for _, n in counts)
-    return jnp.zeros((m,), jnp.float32).at[idx].set(total)
+    return sum(c for c, _ in counts) / sum(n for _, n in counts)
+
+  def plane_flip_rates(uplinks, downlink, weights):
+    """`active_flip_rates` per bit plane: float32 [m], 0 where inactive."""
+    idx = selectors.active_indices(downlink["active"], s)
+    return jnp.zeros((m,), jnp.float32).at[idx].set(active_flip_rates(uplinks, downlink, weights))
+
+  def round_stats(downlink, uplinks, weights):
+    """The round's activated bit planes (ascending bit index, int32 [s]) and how often the
+    clients flipped each (`active_flip_rates`, float32 [s]), for metrics.jsonl."""
+    return {"active_bits": selectors.active_indices(downlink["active"], s),
+            "bit_flip_rate": active_flip_rates(uplinks, downlink, weights)}
 
   def eval_variables(state):
     return {"params": state["params"], **state["model_state"]}
 
   return base.Algorithm("fedbif", init, init_client, broadcast, client_start, model_params,
-                        client_finish, aggregate, eval_variables)
+                        client_finish, aggregate, eval_variables, round_stats)

@@ -217,6 +217,7 @@ class Server:
       closed = self.core.close_round(opened, stacked, weights, client_metrics, evaluate,
                                      train_loss=train_loss)
       row.update(closed.traffic)
+      row.update(closed.stats)
       evaluated, sparsity = closed.evaluated, closed.sparsity
     else:
       log.error("round %d: no client's uplink was accepted; the global model is unchanged", t)
