@@ -74,7 +74,7 @@ import numpy as np
 
 
 from fedbif_jax.config import base_config, set_fields
-from fedbif_jax.records import read_json, read_jsonl
+from fedbif_jax.records import read_json, read_jsonl, write_json_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TUNED = os.path.join(HERE, "tuned.json")
@@ -354,11 +354,7 @@ def write_tuned(path: str, tuned: dict) -> bool:
   """Writes tuned.json (atomically) if its content changed; returns whether it did."""
   if read_tuned(path) == tuned:
     return False
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(tuned, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  write_json_atomic(path, tuned)
   return True
 
 

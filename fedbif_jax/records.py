@@ -58,10 +58,12 @@ def read_json(path: str) -> Any:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  """Writes JSON through a temporary file and a rename: readers never see half a file."""
+  """Writes JSON (indented, sorted keys, a final newline) through a temporary file and a rename:
+  readers never see half a file."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
   os.replace(tmp, path)
 
 

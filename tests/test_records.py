@@ -31,6 +31,7 @@ def test_write_json_atomic_replaces_the_file_and_leaves_no_tmp(tmp_path):
   path.write_text("old")
   records.write_json_atomic(str(path), {"b": 1, "a": [1.5, None]})
   assert json.loads(path.read_text()) == {"a": [1.5, None], "b": 1}
+  assert path.read_text().endswith('  "b": 1\n}\n')   # sorted keys, indented, a final newline
   assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
   assert records.read_json(str(path)) == {"a": [1.5, None], "b": 1}
   assert records.read_json(str(tmp_path / "none.json")) is None
