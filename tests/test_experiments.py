@@ -225,3 +225,28 @@ def test_planes_section_counts_rounds_and_averages_flip_rates_by_hand():
   assert "| V | IID | 2 | 1.5, 0.5, 0.5 | 4.50, 1.00, 3.00 |" in lines
   assert not any(line.startswith("| W ") for line in lines)   # no run of W logs planes
   assert report_lib.planes_section([("W", "IID", [_paired_run(0, [0.5])])]) == []
+
+
+def _bytes_run(curve: list[float], mb_per_round: float) -> dict:
+  rows = [{"round": t, "test_accuracy": a, "cumulative_bytes": 1e6 * mb_per_round * (t + 1)}
+          for t, a in enumerate(curve)]
+  return {"config": {"seed": 0}, "metrics": rows, "failed": None,
+          "summary": {"best_accuracy": max(curve), "final_accuracy": curve[-1]}}
+
+
+def test_bytes_claim_weighs_fedbif_against_every_method_by_hand():
+  # Target 0.5. FedBiF reaches it at round 3 (3 x 1 MB); FedAvg at round 1 (10 MB), SignSGD at
+  # round 2 (2 x 0.5 = 1 MB), FedPAQ never.
+  table = {("fedbif", "iid"): [_bytes_run([0.3, 0.4, 0.5], 1.0)],
+           ("fedavg", "iid"): [_bytes_run([0.5, 0.6, 0.6], 10.0)],
+           ("signsgd", "iid"): [_bytes_run([0.4, 0.55, 0.6], 0.5)],
+           ("fedpaq", "iid"): [_bytes_run([0.1, 0.2, 0.3], 2.0)]}
+  line = report_lib.bytes_claim(table, "iid", 0.5)
+  assert "**does not hold** (holds against FedAvg, FedPAQ; not against SignSGD)" in line
+  assert ("MB to target: FedBiF 3.0 (1/1 seeds, round 3); FedAvg 10.0 (1/1 seeds, round 1); "
+          "SignSGD 1.0 (1/1 seeds, round 2); FedPAQ never (0/1 seeds).") in line
+  del table[("signsgd", "iid")]
+  assert "**holds**. MB to target: FedBiF 3.0" in report_lib.bytes_claim(table, "iid", 0.5)
+  table[("fedbif", "iid")] = [_bytes_run([0.3, 0.4, 0.45], 1.0)]
+  assert ("**does not hold**. FedBiF never reaches the target (0/1 seeds); MB to target: FedAvg"
+          in report_lib.bytes_claim(table, "iid", 0.5))
