@@ -292,6 +292,16 @@ def tuning_section(tune: dict, tuned: dict, smoke: bool, rel, fig_dir) -> list[s
   return lines + [""]
 
 
+def _to_target(runs, target):
+  """(mean MB, mean round, seeds that reach `target`, finished seeds) over finished runs."""
+  reached = [reach(r, target) for r in runs if r["summary"]]
+  hits = [h for h in reached if h]
+  if not hits:
+    return None, None, 0, len(reached)
+  return (float(np.mean([h[1] for h in hits])), float(np.mean([h[0] for h in hits])),
+          len(hits), len(reached))
+
+
 def _result_cells(runs: list[dict], target) -> str:
   """A results row after its label: seeds | best | final | up bpp | down bpp | total MB |
   rounds to target | MB to target (means over the finished runs)."""
@@ -301,11 +311,9 @@ def _result_cells(runs: list[dict], target) -> str:
   final = _pct(*_summary_stat(done, "final_accuracy"), failed)
   up, down = _summary_stat(done, "mean_uplink_bpp")[0], _summary_stat(done, "mean_downlink_bpp")[0]
   mb = _summary_stat(done, "total_bytes")[0]
-  reached = [reach(r, target) for r in done] if target else []
-  hits = [x for x in reached if x]
-  to_round = (f"{np.mean([h[0] for h in hits]):.0f} ({len(hits)}/{len(done)})" if hits
-              else ("never" if reached else "-"))
-  to_mb = f"{np.mean([h[1] for h in hits]):.1f}" if hits else "-"
+  to_mb, to_round, hit, n = _to_target(done, target) if target else (None, None, 0, 0)
+  to_round = f"{to_round:.0f} ({hit}/{n})" if hit else ("never" if n else "-")
+  to_mb = f"{to_mb:.1f}" if hit else "-"
   bpp = f"{up:.3f} | {down:.3f} | {mb / 1e6:.1f}" if up is not None else "- | - | -"
   return f"{len(runs)} | {best} | {final} | {bpp} | {to_round} | {to_mb}"
 
@@ -568,16 +576,6 @@ def _verdict(ok):
 
 def _mean(runs, key):
   return _summary_stat([r for r in runs if r["summary"]], key)
-
-
-def _to_target(runs, target):
-  """(mean MB, mean round, seeds that reach `target`, finished seeds) over finished runs."""
-  reached = [reach(r, target) for r in runs if r["summary"]]
-  hits = [h for h in reached if h]
-  if not hits:
-    return None, None, 0, len(reached)
-  return (float(np.mean([h[1] for h in hits])), float(np.mean([h[0] for h in hits])),
-          len(hits), len(reached))
 
 
 def bytes_claim(table, p, target) -> str:
