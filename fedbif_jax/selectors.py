@@ -15,11 +15,17 @@ A selector returns a bool mask of shape [m] shared by every client and every lay
   sees, for each activated bit plane, the share of the clients' uploaded bits that disagree with
   the bit it broadcast (the plane's *flip rate*: how much the clients want that plane to change).
   The selector keeps an exponential average of each plane's flip rate (updated only when the
-  plane was active) and how many rounds each plane has been idle, and activates the s planes with
-  the highest score (rate + FLIP_RATE_FLOOR) * (1 + idle), ties broken by `order`. Planes that
-  the clients keep flipping come back sooner; a plane nobody flips still returns, as its idle
-  count grows. With equal rates the score is the idle count alone and the selector reduces to
-  the sequential one: `flip_rate_select` from `flip_rate_init` reproduces `sequential`'s cycle.
+  plane was active; a plane's first observation replaces nothing, it starts the average), how
+  many rounds each plane has been idle and which planes have been tried. Untried planes come
+  first (in `order`); then it activates the s planes with the highest score
+  (rate / mean rate + FLIP_RATE_FLOOR) * (1 + idle), the mean taken over the tried planes, ties
+  broken by `order`. Planes that the clients keep flipping come back sooner; a plane nobody flips
+  still returns, as its idle count grows. The score is scale-free: flip rates are small (about
+  1e-3 of a plane's bits per round on the quickstart and the study CNN), and only their ratios
+  matter. With equal rates the score is the idle count alone and the selector reduces to the
+  sequential one: `flip_rate_select` from `flip_rate_init` reproduces `sequential`'s cycle.
+  (A first version added an absolute floor of 0.01 to the raw rate; at rates of about 1e-3 the
+  floor dominated and the selector never left the sequential cycle.)
 
 Bit index i is the bit of weight 2^i (see `quant.to_bits`).
 """
@@ -36,8 +42,9 @@ from fedbif_jax import quant
 SELECTORS = ("sequential", "fixed", "random", "flip_rate")
 # Selectors whose mask depends on state the server updates after each round (not on t and a key).
 STATEFUL_SELECTORS = ("flip_rate",)
-# flip_rate: a plane with no flips keeps this much score, so its idle count brings it back.
-FLIP_RATE_FLOOR = 0.01
+# flip_rate: added to a plane's rate relative to the mean, so a plane that never flips keeps a
+# score and its idle count brings it back (within about m * (m + floor) / floor rounds, m/s=1).
+FLIP_RATE_FLOOR = 0.1
 # flip_rate: weight of the previous average in the exponential average of a plane's flip rate.
 FLIP_RATE_DECAY = 0.5
 ORDERS = ("msb_first", "lsb_first")
@@ -109,14 +116,29 @@ def _order_rank(m: int, order: str) -> jax.Array:
 
 
 def flip_rate_init(m: int) -> dict:
-  """The `flip_rate` selector's state before round 0: every plane at rate 1 (the most it can be,
-  so untried planes come first), none idle. ``{"rate": float32 [m], "idle": int32 [m]}``."""
+  """The `flip_rate` selector's state before round 0: no plane tried, none idle.
+
+  ``{"rate": float32 [m] (the average flip rate, read only where tried), "idle": int32 [m],
+  "tried": bool [m]}``.
+  """
   m = quant.check_bits(m)
-  return {"rate": jnp.ones((m,), jnp.float32), "idle": jnp.zeros((m,), jnp.int32)}
+  return {"rate": jnp.zeros((m,), jnp.float32), "idle": jnp.zeros((m,), jnp.int32),
+          "tried": jnp.zeros((m,), bool)}
+
+
+def flip_rate_scores(stats: dict) -> jax.Array:
+  """Each plane's score, float32 [m]: +inf for an untried plane, else
+  (rate / mean rate of the tried planes + FLIP_RATE_FLOOR) * (1 + idle). With no flips at all
+  (a mean of 0) every relative rate is 0 and the idle count alone decides."""
+  rate, tried = stats["rate"].astype(jnp.float32), stats["tried"]
+  mean = jnp.sum(jnp.where(tried, rate, 0.0)) / jnp.maximum(jnp.sum(tried), 1)
+  relative = jnp.where(mean > 0, rate / jnp.where(mean > 0, mean, 1.0), 0.0)
+  score = (relative + FLIP_RATE_FLOOR) * (1.0 + stats["idle"].astype(jnp.float32))
+  return jnp.where(tried, score, jnp.inf)
 
 
 def flip_rate_select(stats: dict, s: int, order: str = "msb_first") -> jax.Array:
-  """The s bits of highest score (rate + FLIP_RATE_FLOOR) * (1 + idle); ties go by `order`.
+  """The s bits of highest `flip_rate_scores` (untried planes first); ties go by `order`.
 
   Returns bool [m] with exactly s True entries.
   """
@@ -124,7 +146,7 @@ def flip_rate_select(stats: dict, s: int, order: str = "msb_first") -> jax.Array
   check_active_bits(m, s)
   if order not in ORDERS:
     raise ValueError(f"order: must be one of {', '.join(ORDERS)}, got {order!r}")
-  score = (stats["rate"] + FLIP_RATE_FLOOR) * (1.0 + stats["idle"].astype(jnp.float32))
+  score = flip_rate_scores(stats)
   by_rank = jnp.argsort(_order_rank(m, order))          # bits in tie-break order
   best = by_rank[jnp.argsort(-score[by_rank], stable=True)][:s]
   return jnp.zeros((m,), bool).at[best].set(True)
@@ -133,10 +155,14 @@ def flip_rate_select(stats: dict, s: int, order: str = "msb_first") -> jax.Array
 def flip_rate_update(stats: dict, active: jax.Array, rates: jax.Array,
                      decay: float = FLIP_RATE_DECAY) -> dict:
   """The state after a round with mask `active` whose planes flipped at `rates` (float [m], read
-  only where active): active planes' rates averaged in, their idle count reset, others idle + 1."""
-  rate = jnp.where(active, decay * stats["rate"] + (1.0 - decay) * rates, stats["rate"])
+  only where active): an active plane's observed rate starts its average (first time) or is
+  averaged in (decay * old + (1 - decay) * observed), its idle count reset and it is marked
+  tried; the other planes keep their rate and age by one round."""
+  averaged = jnp.where(stats["tried"], decay * stats["rate"] + (1.0 - decay) * rates, rates)
+  rate = jnp.where(active, averaged, stats["rate"])
   idle = jnp.where(active, 0, stats["idle"] + 1)
-  return {"rate": rate.astype(jnp.float32), "idle": idle.astype(jnp.int32)}
+  return {"rate": rate.astype(jnp.float32), "idle": idle.astype(jnp.int32),
+          "tried": stats["tried"] | active}
 
 
 def disagreements(uploaded_bits: jax.Array, broadcast_bits: jax.Array,

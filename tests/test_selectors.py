@@ -310,29 +310,107 @@ def test_flip_rate_with_equal_rates_is_the_sequential_cycle(ms, order, rate):
     stats = selectors.flip_rate_update(stats, mask, jnp.full((m,), rate))
 
 
+def _tried(rate, idle):
+  return {"rate": jnp.array(rate, jnp.float32), "idle": jnp.array(idle, jnp.int32),
+          "tried": jnp.ones((len(rate),), bool)}
+
+
 def test_flip_rate_scores_by_hand():
-  # rate + 0.01 times 1 + idle: bit 0: 0.81 * 1 = 0.81; bit 1: 0.11 * 5 = 0.55;
-  # bit 2: 0.31 * 3 = 0.93; bit 3: 0.01 * 40 = 0.40. Top two: bits 2 and 0.
-  stats = {"rate": jnp.array([0.8, 0.1, 0.3, 0.0]), "idle": jnp.array([0, 4, 2, 39])}
-  assert _active_set(selectors.flip_rate_select(stats, 2)) == {0, 2}
-  assert _active_set(selectors.flip_rate_select(stats, 1)) == {2}
-  # Bit 3 never flips, but at idle 99 its 0.01 * 100 = 1.0 beats every other score: it returns.
-  stats["idle"] = jnp.array([0, 4, 2, 99])
+  # Rates 0.008, 0.001, 0.003, 0 have mean 0.003: relative 8/3, 1/3, 1, 0. Score (relative + 0.1)
+  # times (1 + idle): bit 0: 2.7667 * 1 = 2.77; bit 1: 0.4333 * 5 = 2.17; bit 2: 1.1 * 3 = 3.3;
+  # bit 3: 0.1 * 40 = 4.0. Top one: bit 3; top two: bits 3 and 2; top three add bit 0.
+  stats = _tried([0.008, 0.001, 0.003, 0.0], [0, 4, 2, 39])
+  np.testing.assert_allclose(np.asarray(selectors.flip_rate_scores(stats)),
+                             [(8 / 3 + 0.1) * 1, (1 / 3 + 0.1) * 5, 1.1 * 3, 0.1 * 40], rtol=1e-6)
   assert _active_set(selectors.flip_rate_select(stats, 1)) == {3}
-  # An exact tie (0.5 * 2 = 1.0 for bits 1 and 2): msb_first takes bit 2, lsb_first bit 1.
-  tie = {"rate": jnp.array([0.0, 0.49, 0.49, 0.0]), "idle": jnp.array([0, 1, 1, 0])}
+  assert _active_set(selectors.flip_rate_select(stats, 2)) == {2, 3}
+  assert _active_set(selectors.flip_rate_select(stats, 3)) == {0, 2, 3}
+  # Bit 3 at idle 20 scores 2.1: bit 2 (3.3) and bit 0 (2.77) and bit 1 (2.17) come first.
+  stats["idle"] = jnp.array([0, 4, 2, 20])
+  assert _active_set(selectors.flip_rate_select(stats, 1)) == {2}
+  assert _active_set(selectors.flip_rate_select(stats, 3)) == {0, 1, 2}
+  # An exact tie (relative 1 each, 1.1 * 2 for bits 1 and 2): msb_first takes 2, lsb_first 1.
+  tie = _tried([0.0, 0.002, 0.002, 0.0], [0, 1, 1, 0])
   assert _active_set(selectors.flip_rate_select(tie, 1, "msb_first")) == {2}
   assert _active_set(selectors.flip_rate_select(tie, 1, "lsb_first")) == {1}
 
 
+def test_flip_rate_puts_untried_planes_first_in_order():
+  stats = _tried([0.9, 0.0, 0.0, 0.0], [0, 0, 0, 50])
+  stats["tried"] = jnp.array([True, False, False, True])
+  assert _active_set(selectors.flip_rate_select(stats, 1, "msb_first")) == {2}
+  assert _active_set(selectors.flip_rate_select(stats, 1, "lsb_first")) == {1}
+  assert _active_set(selectors.flip_rate_select(stats, 3, "msb_first")) == {1, 2, 3}
+
+
+@_FAST
+@given(st.lists(st.floats(1e-6, 1.0), min_size=4, max_size=4),
+       st.lists(st.integers(0, 30), min_size=4, max_size=4),
+       st.floats(1e-4, 1e4), st.integers(1, 3))
+def test_flip_rate_selection_is_scale_free(rates, idle, scale, s):
+  # Only the rates' ratios matter: flip rates of 1e-3 select exactly as rates of 0.5 would.
+  stats = _tried(rates, idle)
+  scaled = _tried([r * scale for r in rates], idle)
+  np.testing.assert_allclose(np.asarray(selectors.flip_rate_scores(scaled)),
+                             np.asarray(selectors.flip_rate_scores(stats)), rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(selectors.flip_rate_select(scaled, s)),
+                                np.asarray(selectors.flip_rate_select(stats, s)))
+
+
+@jax.jit
+def _flip_rate_masks(rates):
+  """The s=1 flip_rate selector's masks over rounds whose planes flip at `rates` [T, m]."""
+  def round_(stats, rates_t):
+    mask = selectors.flip_rate_select(stats, 1)
+    return selectors.flip_rate_update(stats, mask, rates_t), mask
+  return jax.lax.scan(round_, selectors.flip_rate_init(rates.shape[1]), rates)[1]
+
+
+@pytest.mark.slow
+@_FAST
+@given(st.sampled_from([2, 4, 8]), st.integers(0, 7),
+       st.lists(st.floats(0.0, 1.0), min_size=64, max_size=64))
+def test_flip_rate_never_starves_a_plane_that_never_flips(m, silent, noise):
+  # Plane `silent` never flips while the others flip at arbitrary rates. Its relative rate is 0
+  # and every other plane's is at most m, so once its idle count k has (1 + k) * 0.1 above
+  # (m + 0.1) * m it outranks any plane that was active within the last m rounds, and one of
+  # the next m rounds must take it: it is active at least once in every window of that length.
+  silent %= m
+  window = int(np.ceil(m * (m + selectors.FLIP_RATE_FLOOR) / selectors.FLIP_RATE_FLOOR)) + m
+  rates = np.array([[0.0 if i == silent else noise[(t + i) % 64] + 1e-3 for i in range(m)]
+                    for t in range(2 * window)], np.float32)
+  active_rounds = np.flatnonzero(np.asarray(_flip_rate_masks(jnp.asarray(rates)))[:, silent])
+  gaps = np.diff(np.concatenate([[0], active_rounds, [2 * window - 1]]))
+  assert gaps.max() <= window, (active_rounds, window)
+
+
+def test_flip_rate_adapts_to_the_quickstarts_measured_rates():
+  # Rates measured per plane on the quickstart (bits 0..3 flip at 0.05%, 0.1%, 0.23%, 0.28%
+  # of their bits a round): after the first cycle the planes that flip most come back most,
+  # the least significant plane about every 11 rounds (the old absolute floor of 0.01 dwarfed
+  # these rates and kept the sequential cycle).
+  measured = jnp.array([0.0005, 0.001, 0.0023, 0.0028], jnp.float32)
+  stats = selectors.flip_rate_init(4)
+  chosen = []
+  for _ in range(40):
+    mask = selectors.flip_rate_select(stats, 1)
+    chosen.append(int(np.flatnonzero(np.asarray(mask))[0]))
+    stats = selectors.flip_rate_update(stats, mask, measured)
+  assert chosen[:4] == [3, 2, 1, 0]          # untried planes first, most significant first
+  assert np.bincount(chosen, minlength=4).tolist() == [4, 7, 14, 15]
+
+
 def test_flip_rate_update_averages_active_planes_and_ages_the_others():
-  stats = {"rate": jnp.array([0.2, 0.4, 0.6, 1.0]), "idle": jnp.array([3, 0, 1, 2])}
-  active = jnp.array([False, True, False, True])
-  new = selectors.flip_rate_update(stats, active, jnp.array([9.0, 0.0, 9.0, 0.5]))
-  # Active: 0.5 * old + 0.5 * observed (bit 1: 0.2, bit 3: 0.75), idle reset; inactive planes
-  # keep their rate (the 9.0 observed there is ignored) and age by one round.
-  np.testing.assert_allclose(np.asarray(new["rate"]), [0.2, 0.2, 0.6, 0.75])
-  np.testing.assert_array_equal(np.asarray(new["idle"]), [4, 0, 2, 0])
+  stats = {"rate": jnp.array([0.2, 0.4, 0.6, 1.0]), "idle": jnp.array([3, 0, 1, 2]),
+           "tried": jnp.array([True, True, False, True])}
+  active = jnp.array([False, True, True, True])
+  new = selectors.flip_rate_update(stats, active, jnp.array([9.0, 0.0, 0.3, 0.5]))
+  # Tried and active: 0.5 * old + 0.5 * observed (bit 1: 0.2, bit 3: 0.75); bit 2's first
+  # observation starts its average (0.3); idle reset. Bit 0, inactive, keeps its rate (the 9.0
+  # observed there is ignored) and ages by one round.
+  np.testing.assert_allclose(np.asarray(new["rate"]), [0.2, 0.2, 0.3, 0.75])
+  np.testing.assert_array_equal(np.asarray(new["idle"]), [4, 0, 0, 0])
+  np.testing.assert_array_equal(np.asarray(new["tried"]), [True, True, True, True])
 
 
 def test_disagreements_by_hand():
@@ -346,8 +424,8 @@ def test_disagreements_by_hand():
 def test_flip_rate_selector_through_fedbifs_broadcast_and_aggregate():
   # FedBiF-1/4 on one 4x3 kernel: round 0 activates the MSB (every plane untried, msb_first);
   # client 0 sends back the broadcast bits unchanged, client 1 flips every one of them, with
-  # weights 0.25 / 0.75. The MSB plane's flip rate is 0.75 by hand, its average
-  # 0.5 * 1 + 0.5 * 0.75 = 0.875, and the server state carries that and the idle counts.
+  # weights 0.25 / 0.75. The MSB plane's flip rate is 0.75 by hand, its first observation, and
+  # the server state carries that, the idle counts and which planes were tried.
   from fedbif_jax import quant
   from fedbif_jax.algorithms import get_algorithm
   from fedbif_jax.config import base_config
@@ -365,9 +443,11 @@ def test_flip_rate_selector_through_fedbifs_broadcast_and_aggregate():
   uplinks = {"weights": {"dense": {"kernel": Bits(uploaded, jnp.asarray(1, jnp.int32))}},
              "other": {"dense": {"bias": jnp.zeros((2, 3))}}, "model_state": {}}
   new_state = algorithm.aggregate(state, downlink, uplinks, jnp.array([0.25, 0.75]), None)
-  np.testing.assert_allclose(np.asarray(new_state["selector"]["rate"]), [1, 1, 1, 0.875])
+  np.testing.assert_allclose(np.asarray(new_state["selector"]["rate"]), [0, 0, 0, 0.75])
   np.testing.assert_array_equal(np.asarray(new_state["selector"]["idle"]), [1, 1, 1, 0])
-  # Round 1: bits 0..2 score 1.01 * 2, the MSB 0.885 * 1: bit 2 is next (msb_first tie-break).
+  np.testing.assert_array_equal(np.asarray(new_state["selector"]["tried"]),
+                                [False, False, False, True])
+  # Round 1: bits 0..2 are untried and come first, in msb_first order: bit 2 is next.
   assert _active_set(algorithm.broadcast(new_state, jax.random.key(3), None)["active"]) == {2}
   # The other selectors keep the state they always had (no "selector" entry).
   assert "selector" not in get_algorithm(base_config()).init(jax.random.key(1), variables)
