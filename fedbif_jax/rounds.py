@@ -48,7 +48,9 @@ from fedbif_jax.models import MODELS, bit_trained_predicate, get_model
 
 log = logging.getLogger("fedbif_jax")
 
-AGGREGATION_WEIGHTS = ("uniform", "data_size")
+# uniform: 1/|C^t| (Eq. 6 as printed); data_size: p_k (Sec. 2.1); paper: each as the paper has
+# it, uniform for FedBiF and p_k for FedAvg and the baselines (`aggregation_rule`).
+AGGREGATION_WEIGHTS = ("uniform", "data_size", "paper")
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,6 +101,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.data.source == "npz":
     check(bool(config.data.path), "data.path", "the path of an .npz file (--config.data.path=...)",
           config.data.path)
+
+
+def aggregation_rule(config: ml_collections.ConfigDict) -> str:
+  """The client weights a run uses, "uniform" or "data_size": ``aggregation_weights`` itself, or
+  for "paper" the paper's own rule per algorithm: FedBiF's Eq. 6 averages the clients' bits
+  uniformly (1/|C^t|), while FedAvg and the baselines weight by data share p_k (Sec. 2.1)."""
+  if config.aggregation_weights == "paper":
+    return "uniform" if config.algorithm == "fedbif" else "data_size"
+  return config.aggregation_weights
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> np.ndarray:
@@ -180,7 +191,7 @@ def plan_round(config: ml_collections.ConfigDict, job: Job, t: int) -> RoundPlan
   round_key = jax.random.fold_in(job.k_rounds, t)
   ids = sample_clients(config.seed, t, config.num_clients, config.clients_per_round)
   sizes = job.sizes
-  if config.aggregation_weights == "uniform":
+  if aggregation_rule(config) == "uniform":
     weights = np.full(len(ids), 1.0 / len(ids), np.float32)
   else:
     weights = (sizes[ids] / sizes[ids].sum()).astype(np.float32)

@@ -13,6 +13,7 @@ from conftest import small_config
 from fedbif_jax import quant
 from fedbif_jax.algorithms import dadaquant, feddq, fedpaq, get_algorithm, signsgd
 from fedbif_jax.algorithms.base import LocalState, RoundInfo
+from fedbif_jax.config import base_config
 from fedbif_jax import rounds
 from fedbif_jax.errors import ConfigError
 from fedbif_jax.train import train_and_evaluate
@@ -205,6 +206,19 @@ def test_dadaquant_doubles_on_a_hand_made_loss_sequence():
   assert int(levels["q"]) == 5
 
 
+def test_dadaquant_phi_zero_is_a_tenth_of_the_rounds():
+  # DAdaQuant's paper: phi = rounds / 10. 0 asks for it, floored and at least 1; any other phi
+  # is kept. Through get_algorithm, the factory reads the run's `rounds`: the server's loss
+  # history is phi long (F_{t-phi} .. F_{t-1}).
+  assert [dadaquant.resolve_phi(0, r) for r in (200, 100, 30, 25, 9, 1)] == [20, 10, 3, 2, 1, 1]
+  assert dadaquant.resolve_phi(7, 200) == 7
+  config = base_config()
+  config.algorithm, config.dadaquant.phi, config.rounds = "dadaquant", 0, 200
+  variables = {"params": {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}}
+  state = get_algorithm(config).init(jax.random.key(0), variables)
+  assert state["levels"]["history"].shape == (20,)
+
+
 def test_dadaquant_ema():
   levels = dadaquant.init_levels(1, 3)
   for loss in (2.0, 1.0, 4.0):
@@ -315,7 +329,7 @@ def _check_feddq_widths(rows, sent, resolution):
     (dict(algorithm="feddq", feddq__resolution=-0.001), "feddq.resolution"),
     (dict(algorithm="feddq", feddq__max_bits=17), "feddq.max_bits"),
     (dict(algorithm="feddq", feddq__granularity="layer"), "feddq.granularity"),
-    (dict(algorithm="dadaquant", dadaquant__phi=0), "dadaquant.phi"),
+    (dict(algorithm="dadaquant", dadaquant__phi=-1), "dadaquant.phi"),
     (dict(algorithm="dadaquant", dadaquant__psi=1.0), "dadaquant.psi"),
     (dict(algorithm="dadaquant", dadaquant__q_min=0), "dadaquant.q_min"),
     (dict(algorithm="dadaquant", dadaquant__q_max=40000), "dadaquant.q_max"),

@@ -50,6 +50,10 @@ def test_paper_configs_follow_section_4_1(name, model, dataset, lr, rounds, augm
   assert (c.fedbif.bits, c.fedbif.active_bits, c.fedbif.full_precision_first_last) == (4, 1, False)
   assert (c.data.partition, c.data.normalization, c.data.augment) == ("iid", "published", augment)
   assert (c.data.train_subset, c.data.test_subset) == (0, 0)
+  # The baselines as their papers and code set them: p_k weights for all but FedBiF (Eq. 6),
+  # DAdaQuant's phi = rounds / 10 (0: follows --config.rounds), FedDQ's official resolutions.
+  assert (c.aggregation_weights, c.dadaquant.phi) == ("paper", 0)
+  assert c.feddq.resolution == (0.005 if model.startswith("resnet") else 0.001)
   smoke = _load(name).get_config("smoke")
   assert smoke.is_locked and smoke.model.name == model and smoke.data.name == dataset
   assert smoke.rounds == 1 and smoke.num_clients == 2 and smoke.data.train_subset <= 64

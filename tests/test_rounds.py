@@ -113,6 +113,23 @@ def test_plan_round_is_a_pure_function_of_the_config_and_t(tmp_path):
   assert records.read_jsonl(str(tmp_path / "none.jsonl")) == []
 
 
+@pytest.mark.parametrize("algorithm, rule", [("fedbif", "uniform"), ("fedavg", "data_size"),
+                                             ("signsgd", "data_size"), ("dadaquant", "data_size")])
+def test_paper_aggregation_weights_are_uniform_for_fedbif_and_data_shares_otherwise(algorithm,
+                                                                                   rule):
+  # On a Dirichlet split the clients hold different amounts of data; "paper" gives FedBiF Eq. 6's
+  # 1/|C^t| and every other algorithm its client's share of the round's data (Sec. 2.1), computed
+  # here by hand from the job's shard sizes.
+  config = small_config(algorithm=algorithm, aggregation_weights="paper",
+                        data__partition="dirichlet", data__mu=0.5, data__min_size=5)
+  assert rounds.aggregation_rule(config) == rule
+  job = rounds.build_job(config)
+  assert len(set(job.sizes.tolist())) > 1
+  want = (np.full(4, 0.25) if rule == "uniform" else job.sizes / job.sizes.sum())
+  np.testing.assert_allclose(np.asarray(rounds.plan_round(config, job, 0).info.weights), want,
+                             rtol=1e-6)
+
+
 def test_fedbif_rounds_report_the_active_plane_and_how_often_clients_flipped_it():
   """FedBiF-1/4's `round_stats` through `close_round`: round 0 trains the MSB (bit 3). Client 0
   uploads the broadcast MSBs unchanged, client 1 flips Dense_0's 6, client 2 all 12: with

@@ -5,7 +5,7 @@ hyperparameters are keyword-only, without defaults. Their defaults are declared 
 `fedbif_jax.config.base_config` (the config section named after the algorithm, e.g.
 ``config.fedpaq``, each field commented there); `get_algorithm` unpacks that section into the
 factory, which validates each field (raising a one-line `ConfigError` naming it). A factory that
-needs a run-level field (`RUN_FIELDS`: SignSGD's full-participation check, DAdaQuant's epochs)
+needs a run-level field (`RUN_FIELDS`: SignSGD's full-participation check, DAdaQuant's epochs and rounds)
 names it as a keyword parameter too and gets it from the top of the config; no factory reads a
 config, nor another algorithm's section.
 """
@@ -28,7 +28,7 @@ ALGORITHMS = {
 }
 
 # Run-level config fields a factory receives when it names them as keyword parameters.
-RUN_FIELDS = ("num_clients", "clients_per_round", "local_epochs")
+RUN_FIELDS = ("num_clients", "clients_per_round", "local_epochs", "rounds")
 # Fields of an algorithm's section that the engine reads (not its factory): ``fedbif.
 # full_precision_first_last`` picks the compressed kernels (`models.bit_trained_predicate`) for
 # every algorithm; it stays in the ``fedbif`` section so that stored configs keep their meaning.

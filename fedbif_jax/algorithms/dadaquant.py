@@ -29,8 +29,8 @@ Per round:
 4. aggregate - w^{t+1} = w^t + sum_k p_k (s_k / q_{t,k}) q_k on the kernels; FedAvg on the rest;
    then the time-adaptive update of q above.
 
-Choices (config fields): ``dadaquant.phi`` (>= 1; the paper suggests rounds / 10, so the default 3
-fits the default 30 rounds), ``dadaquant.psi`` (EMA factor in [0, 1), default 0.9),
+Choices (config fields): ``dadaquant.phi`` (>= 1, or 0 for rounds // 10 (at least 1): the
+paper suggests rounds / 10; the default 3 fits the default 30 rounds, the paper configs use 0), ``dadaquant.psi`` (EMA factor in [0, 1), default 0.9),
 ``dadaquant.q_min`` (default 1, as in the paper), ``dadaquant.q_max`` (a cap, at most 32767 so
 that integers fit int16, the default; the paper has no cap), ``dadaquant.client_adaptive``
 (default True; False sends every client q_t).
@@ -89,12 +89,20 @@ def update_levels(levels: dict, loss: jax.Array, phi: int, psi: float, q_max: in
           "last_increase": jnp.where(stalled, t, levels["last_increase"]).astype(jnp.int32)}
 
 
+def resolve_phi(phi: int, rounds: int) -> int:
+  """``dadaquant.phi`` in rounds: phi itself, or for phi = 0 the paper's rounds / 10, floored,
+  at least 1. Raises ConfigError for a phi that is not an integer >= 0."""
+  check_int("dadaquant.phi", phi, 0, allowed="an integer >= 1 (rounds), or 0 for rounds // 10")
+  return phi or max(1, rounds // 10)
+
+
 def make(predicate=pytrees.is_kernel, *, phi, psi, q_min, q_max, client_adaptive,
-         local_epochs) -> base.Algorithm:
+         local_epochs, rounds=30) -> base.Algorithm:
   """DAdaQuant with the module docstring's choices (the defaults are `config.base_config`'s
   ``dadaquant`` section); `local_epochs`, the run's E, turns a client's processed examples into
-  its n_i. Raises ConfigError naming a bad field."""
-  check_int("dadaquant.phi", phi, 1, allowed="an integer >= 1 (rounds)")
+  its n_i; `rounds`, the run's length, sets phi = 0's rounds // 10. Raises ConfigError naming a
+  bad field."""
+  phi = resolve_phi(phi, rounds)
   check(isinstance(psi, (int, float)) and not isinstance(psi, bool) and 0 <= psi < 1,
         "dadaquant.psi", "a number in [0, 1)", psi)
   check_int("dadaquant.q_min", q_min, 1, MAX_LEVELS)
