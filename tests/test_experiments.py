@@ -157,8 +157,11 @@ def test_report_statistics_match_hand_computation(tmp_path):
   # FedAvg: mean 60.0, sample std sqrt(2 * 0.1^2 / 1) = 14.1; target 0.9 * 0.6 = 54.0%, which
   # seed 0 (0.25, 0.5) never reaches and seed 1 (0.35, 0.7) reaches at round 2 (2 MB).
   assert "### IID (target 54.0%)" in text
-  assert "| FedAvg | 2 | 60.0 ± 14.1 | 60.0 ± 14.1 | 32.000 | 32.000 | 2.0 | 2 (1/2) | 2.0 |" in text
-  assert "| FedBiF-1/4 (uniform Eq. 6) | 1 | 60.0 | 60.0 | 1.000 | 4.000 | 0.2 | 1 (1/1) | 0.1 |" in text
+  # Last-5 (here both evaluations): seed 0 0.375, seed 1 0.525: 45.0 ± 10.6; FedBiF 57.5.
+  assert ("| FedAvg | 2 | 60.0 ± 14.1 | 60.0 ± 14.1 | 45.0 ± 10.6 | 32.000 | 32.000 | 2.0 | "
+          "2 (1/2) | 2.0 |") in text
+  assert ("| FedBiF-1/4 (uniform Eq. 6) | 1 | 60.0 | 60.0 | 57.5 | 1.000 | 4.000 | 0.2 | "
+          "1 (1/1) | 0.1 |") in text
   assert "IID 20.0 → 30.0%" in text  # untrained -> final sparsity
   assert "FedBiF minus FedAvg (points): IID best +0.0, IID final +0.0" in text
   rounds, mean = report_lib._curve(report_lib.load_runs(str(tmp_path))["table1"][("fedavg", "iid")],
@@ -206,6 +209,23 @@ def test_paired_verdict_compares_seed_by_seed():
   assert "**no better (within noise)**" in mixed and "best -1.0 ± 2.0" in mixed
   # A variant seed with no default run of the same seed is left out.
   assert "no default FedBiF-1/4 run of the same seed" in verdict([_paired_run(7, [0.9])])
+
+
+def test_last_k_column_averages_each_runs_last_evaluations_by_hand():
+  # A run that swings between 0.56 and 0.46 (SignSGD's limit cycle): best 0.56 and final 0.46
+  # pick a phase; the last 5 evaluations (0.56, 0.46, 0.56, 0.46, 0.46) average 0.50. Rows
+  # without test accuracy are not evaluations.
+  swing = _paired_run(0, [0.30, 0.56, 0.46, 0.56, 0.46, 0.46])
+  swing["metrics"].insert(3, {"round": 99, "train_loss": 1.0})
+  assert report_lib.last_mean(swing) == pytest.approx(0.50)
+  assert report_lib.last_mean(_paired_run(0, [0.2, 0.4])) == pytest.approx(0.30)   # fewer rows
+  steady = _paired_run(1, [0.30, 0.50, 0.52, 0.54, 0.56, 0.58])                    # mean 0.54
+  # Over the two seeds: best 57.0 ± 1.4 (0.56, 0.58), final 52.0 ± 8.5, last-5 52.0 ± 2.8.
+  cells = report_lib._result_cells([swing, steady], None).split(" | ")
+  assert cells[:4] == ["2", "57.0 ± 1.4", "52.0 ± 8.5", "52.0 ± 2.8"]
+  # The claim's last-k comparison: FedBiF steady (0.54) vs SignSGD swinging (0.50): +4.0 points.
+  gaps = report_lib._last_k_gaps({("fedbif", "iid"): [steady], ("signsgd", "iid"): [swing]}, "iid")
+  assert gaps == " On the last-5 mean: FedBiF 54.0%; minus each: SignSGD +4.0; ahead of SignSGD only."
 
 
 def test_planes_section_counts_rounds_and_averages_flip_rates_by_hand():
