@@ -24,8 +24,8 @@ HTML comment markers; a rerun replaces its own section and keeps the others.
 Usage:
   python scripts/bpp_table.py --out=docs/BPP.md
   python scripts/bpp_table.py --algorithms=dadaquant --set=dadaquant.psi=0.5 --out=/tmp/d.md
-  python scripts/bpp_table.py --config=configs/cifar10_cnn.py --data_path=../shared/data/cifar10.npz \
-      --rounds=2 --out=/tmp/bpp_cifar.md
+  python scripts/bpp_table.py --config=configs/cifar10_cnn.py --per_algorithm \
+      --data_path=../shared/data/cifar10.npz --rounds=2 --out=/tmp/bpp_cifar.md
 """
 from __future__ import annotations
 
@@ -52,11 +52,12 @@ TRENDS = ("feddq", "dadaquant")
 DEFAULT_VARIANTS = ("dadaquant:dadaquant.psi=0.3,dadaquant.phi=1",)
 
 
-def load_config(path: str):
+def load_config(path: str, arg: str | None = None):
+  """The config file's ``get_config()``, or ``get_config(arg)`` when `arg` is given."""
   spec = importlib.util.spec_from_file_location("experiment_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 def _override(config, item: str) -> None:
@@ -81,7 +82,7 @@ def plan(args) -> list[tuple[str, str, list[str]]]:
 def run(args) -> dict:
   results = {}
   for label, name, overrides in plan(args):
-    config = load_config(args.config)
+    config = load_config(args.config, name if args.per_algorithm else None)
     config.unlock()
     config.algorithm = name
     config.checkpoint_every = 0
@@ -119,8 +120,10 @@ def table(results: dict, args) -> str:
       f"{jax.default_backend()}, {os.cpu_count()} CPU cores), config "
       f"`{os.path.relpath(os.path.abspath(args.config), REPO)}`"
       f"{' with ' + ', '.join(args.set) if args.set else ''}, {first['summary']['rounds']} rounds, "
-      "seed 0, every algorithm with its default config section (`fedbif_jax/config.py`) unless "
-      "its label says otherwise.",
+      + ("seed 0, every algorithm at the config's values for it (`get_config(ALGORITHM)`: "
+         "the study's tuned values) unless its label says otherwise." if args.per_algorithm else
+         "seed 0, every algorithm with its default config section (`fedbif_jax/config.py`) "
+         "unless its label says otherwise."),
       "",
       "*bpp* is the paper's column: bits sent for the compressed conv/dense kernels per kernel weight "
       "(for a `Bits` payload exactly its width), averaged over rounds and clients. *total bpp* is "
@@ -210,6 +213,9 @@ def main(argv=None):
                       help="wire_codec of the runs (entropy adds the coded/entropy bpp table)")
   parser.add_argument("--set", action="append", default=[],
                       help="config override applied to every algorithm, e.g. --set=lr=0.1")
+  parser.add_argument("--per_algorithm", action="store_true",
+                      help="load each algorithm's config as get_config(ALGORITHM) (configs that "
+                      "take a METHOD argument, e.g. configs/cifar10_cnn.py: its tuned values)")
   parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "bpp_table"))
   parser.add_argument("--variant", action="append", default=None,
                       help="ALGO:k=v,k=v, an extra run with its own overrides (repeatable); "

@@ -266,6 +266,17 @@ def test_study_config_is_the_tuned_table_run(tmp_path, monkeypatch):
     config = cifar10_study.get_config(method)
     run = next(r for r in grid.grid_runs("table1") if r.name == f"{method}-iid-s0")
     assert config.to_dict() == grid.run_config(base, run, tuned).to_dict()
+  # configs/cifar10_cnn.py is the same with the BatchNorm-free CNN: the study's bridge runs,
+  # whose results its docstring quotes. The bridge's FedBiF weighs clients by data share, the
+  # config by Eq. 6's 1/|C^t|: the same weights on IID's equal shards.
+  from configs import cifar10_cnn
+  for method in ("fedavg", "fedbif"):
+    config = cifar10_cnn.get_config(method).to_dict()
+    run = next(r for r in grid.grid_runs("bridge") if r.name == f"{method}-cnn-iid-s0")
+    bridge = grid.run_config(base, run, tuned).to_dict()
+    assert config.pop("aggregation_weights") in ("uniform", bridge.pop("aggregation_weights"))
+    assert config == bridge and config["model"]["name"] == "cnn"
+  assert cifar10_cnn.get_config().algorithm == "fedbif"
   assert cifar10_study.get_config().fedbif.bit_step == "inverse_pow2"  # default: FedBiF
   with pytest.raises(ConfigError, match="config: feddq has no tuned values"):
     cifar10_study.get_config("feddq")
