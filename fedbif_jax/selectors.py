@@ -20,12 +20,12 @@ A selector returns a bool mask of shape [m] shared by every client and every lay
   first (in `order`); then it activates the s planes with the highest score
   (rate / mean rate + FLIP_RATE_FLOOR) * (1 + idle), the mean taken over the tried planes, ties
   broken by `order`. Planes that the clients keep flipping come back sooner; a plane nobody flips
-  still returns, as its idle count grows. The score is scale-free: flip rates are small (about
-  1e-3 of a plane's bits per round on the quickstart and the study CNN), and only their ratios
-  matter. With equal rates the score is the idle count alone and the selector reduces to the
+  still returns, as its idle count grows. The score is scale-free: flip rates are small (0.05-0.3%
+  of a plane's bits per round on the quickstart, 0.6-1.4% on the study CNN), and only their
+  ratios matter. With equal rates the score is the idle count alone and the selector reduces to the
   sequential one: `flip_rate_select` from `flip_rate_init` reproduces `sequential`'s cycle.
-  (A first version added an absolute floor of 0.01 to the raw rate; at rates of about 1e-3 the
-  floor dominated and the selector never left the sequential cycle.) Measured in the CPU study
+  (A first version added an absolute floor of 0.01 to the raw rate; at such rates the floor
+  dominated and the selector never left the sequential cycle.) Measured in the CPU study
   (docs/RESULTS.md, 3 seeds, tuned FedBiF-1/4 with ``inverse_pow2``): the clients flip the MSB
   least (0.6% against 0.9-1.4% for the lower planes), so the selector trains it in 20-22 of 100
   rounds instead of 25, and ends 0.4 (IID) and 0.5 (Dir(0.5)) points below the sequential
