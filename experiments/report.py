@@ -319,7 +319,7 @@ def _result_cells(runs: list[dict], target) -> str:
   done = [r for r in runs if r["summary"]]
   best = _pct(*_summary_stat(done, "best_accuracy"), failed)
   final = _pct(*_summary_stat(done, "final_accuracy"), failed)
-  last = _pct(*_stat([last_mean(r) for r in done]), failed)
+  last = _pct(*_last_k_stat(done), failed)
   up, down = _summary_stat(done, "mean_uplink_bpp")[0], _summary_stat(done, "mean_downlink_bpp")[0]
   mb = _summary_stat(done, "total_bytes")[0]
   to_mb, to_round, hit, n = _to_target(done, target) if target else (None, None, 0, 0)
@@ -624,20 +624,34 @@ def _last_k_stat(runs):
   return _stat([last_mean(r) for r in runs if r["summary"]])
 
 
-def _last_k_gaps(table, p) -> str:
-  """The same comparison on the last-k mean, naming the methods FedBiF is ahead of there."""
-  mine = _last_k_stat(table.get(("fedbif", p), []))
+def _best_stat(runs):
+  return _mean(runs, "best_accuracy")
+
+
+def _gaps_to_fedbif(table, p, stat):
+  """FedBiF's `stat` (mean, std, n) on partition `p` and, for FedAvg and each baseline that has
+  runs there, (variant, FedBiF minus it in points, whether within noise)."""
+  mine = stat(table.get(("fedbif", p), []))
   gaps = []
   for v in ("fedavg",) + BASELINES:
-    other = _last_k_stat(table.get((v, p), []))
+    other = stat(table.get((v, p), []))
     if mine[0] is not None and other[0] is not None:
       gaps.append((v, 100 * (mine[0] - other[0]), _within_noise(mine, other)))
+  return mine, gaps
+
+
+def _gap_list(gaps) -> str:
+  return ", ".join(f"{LABELS[v]} {g:+.1f}" + (" (within noise)" if n else "") for v, g, n in gaps)
+
+
+def _last_k_gaps(table, p) -> str:
+  """The same comparison on the last-k mean, naming the methods FedBiF is ahead of there."""
+  mine, gaps = _gaps_to_fedbif(table, p, _last_k_stat)
   if not gaps:
     return ""
   ahead = [LABELS[v] for v, g, _ in gaps if g > 0]
   return (f" On the last-{LAST_EVALS} mean: FedBiF {100 * mine[0]:.1f}%; minus each: "
-          + ", ".join(f"{LABELS[v]} {g:+.1f}" + (" (within noise)" if n else "")
-                      for v, g, n in gaps)
+          + _gap_list(gaps)
           + (f"; ahead of {', '.join(ahead)} only." if ahead else "; behind every method."))
 
 
@@ -646,22 +660,12 @@ def claims(table, abl, partitions, targets) -> list[str]:
   a gap is called within noise when smaller than twice the larger sample std)."""
   out = []
   for p in partitions:
-    mine = _mean(table.get(("fedbif", p), []), "best_accuracy")
-    if mine[0] is None:
-      continue
-    parts, beaten_all = [], True
-    for v in ("fedavg",) + BASELINES:
-      other = _mean(table.get((v, p), []), "best_accuracy")
-      if other[0] is None:
-        continue
-      gap = 100 * (mine[0] - other[0])
-      beaten_all &= gap > 0
-      parts.append(f"{LABELS[v]} {gap:+.1f}" + (" (within noise)" if _within_noise(mine, other) else ""))
-    if parts:
+    mine, gaps = _gaps_to_fedbif(table, p, _best_stat)
+    if gaps:
       out.append(f"- *FedBiF-1/4 (1 bpp up, 4 bpp down) beats FedAvg and every quantization "
-                 f"baseline* ({PARTITION_LABELS[p]}, best accuracy): {_verdict(beaten_all)}. "
-                 f"FedBiF {100 * mine[0]:.1f}%; FedBiF minus each (points): {', '.join(parts)}."
-                 + _last_k_gaps(table, p))
+                 f"baseline* ({PARTITION_LABELS[p]}, best accuracy): "
+                 f"{_verdict(all(g > 0 for _, g, _ in gaps))}. FedBiF {100 * mine[0]:.1f}%; "
+                 f"FedBiF minus each (points): {_gap_list(gaps)}." + _last_k_gaps(table, p))
   gaps = []
   for p in partitions:
     for key in ("best_accuracy", "final_accuracy"):

@@ -136,7 +136,7 @@ def flip_rate_scores(stats: dict) -> jax.Array:
   (a mean of 0) every relative rate is 0 and the idle count alone decides."""
   rate, tried = stats["rate"].astype(jnp.float32), stats["tried"]
   mean = jnp.sum(jnp.where(tried, rate, 0.0)) / jnp.maximum(jnp.sum(tried), 1)
-  relative = jnp.where(mean > 0, rate / jnp.where(mean > 0, mean, 1.0), 0.0)
+  relative = rate / jnp.maximum(mean, jnp.finfo(jnp.float32).tiny)   # tried rates >= 0
   score = (relative + FLIP_RATE_FLOOR) * (1.0 + stats["idle"].astype(jnp.float32))
   return jnp.where(tried, score, jnp.inf)
 

@@ -5,9 +5,9 @@ hyperparameters are keyword-only, without defaults. Their defaults are declared 
 `fedbif_jax.config.base_config` (the config section named after the algorithm, e.g.
 ``config.fedpaq``, each field commented there); `get_algorithm` unpacks that section into the
 factory, which validates each field (raising a one-line `ConfigError` naming it). A factory that
-needs a run-level field (`RUN_FIELDS`: SignSGD's full-participation check, DAdaQuant's epochs and rounds)
-names it as a keyword parameter too and gets it from the top of the config; no factory reads a
-config, nor another algorithm's section.
+needs a run-level field (`RUN_FIELDS`: SignSGD's full-participation check, DAdaQuant's epochs
+and rounds) names it as a keyword parameter too and gets it from the top of the config; no
+factory reads a config, nor another algorithm's section.
 """
 from __future__ import annotations
 

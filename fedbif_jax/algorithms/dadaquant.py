@@ -30,7 +30,8 @@ Per round:
    then the time-adaptive update of q above.
 
 Choices (config fields): ``dadaquant.phi`` (>= 1, or 0 for rounds // 10 (at least 1): the
-paper suggests rounds / 10; the default 3 fits the default 30 rounds, the paper configs use 0), ``dadaquant.psi`` (EMA factor in [0, 1), default 0.9),
+paper suggests rounds / 10; the default 3 fits the default 30 rounds, the paper configs use 0),
+``dadaquant.psi`` (EMA factor in [0, 1), default 0.9),
 ``dadaquant.q_min`` (default 1, as in the paper), ``dadaquant.q_max`` (a cap, at most 32767 so
 that integers fit int16, the default; the paper has no cap), ``dadaquant.client_adaptive``
 (default True; False sends every client q_t).
@@ -97,7 +98,7 @@ def resolve_phi(phi: int, rounds: int) -> int:
 
 
 def make(predicate=pytrees.is_kernel, *, phi, psi, q_min, q_max, client_adaptive,
-         local_epochs, rounds=30) -> base.Algorithm:
+         local_epochs, rounds) -> base.Algorithm:
   """DAdaQuant with the module docstring's choices (the defaults are `config.base_config`'s
   ``dadaquant`` section); `local_epochs`, the run's E, turns a client's processed examples into
   its n_i; `rounds`, the run's length, sets phi = 0's rounds // 10. Raises ConfigError naming a
