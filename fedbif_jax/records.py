@@ -8,6 +8,7 @@ No JAX at import (the report reads records without starting a backend).
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
@@ -71,7 +72,8 @@ def summary(rows: list[dict], config) -> dict:
   """The run's summary (``summary.json``): accuracy (final, best and its round) on each split
   that was evaluated (``final_accuracy``/``best_accuracy`` are the test set's,
   ``*_validation_accuracy`` the held-out validation split's), the final loss, sparsity, mean bpp,
-  total bytes, wall time and the `environment`."""
+  total bytes, wall time and the `environment`. The bpp means are over the rounds whose
+  ``uplink_bpp`` is finite (every simulator round)."""
   out = {"algorithm": config.algorithm, "rounds": len(rows)}
   for key, prefix in (("test_accuracy", ""), ("validation_accuracy", "validation_")):
     evaluated = [r for r in rows if key in r]
@@ -83,20 +85,27 @@ def summary(rows: list[dict], config) -> dict:
       loss_key = key.replace("accuracy", "loss")
       if loss_key in evaluated[-1]:
         out[f"final_{prefix}loss"] = evaluated[-1][loss_key]
+  # A deployment round that accepted no uplink has no traffic in the ledger and NaN bpp (bits
+  # per weight of nothing); the means are over the rounds that carried traffic, so one lost
+  # round does not void the run's figures (the deployment summary counts the lost rounds).
+  carried = [r for r in rows if math.isfinite(r["uplink_bpp"])]
   out.update({
       "final_sparsity": rows[-1]["sparsity"],
-      "mean_uplink_bpp": float(np.mean([r["uplink_bpp"] for r in rows])),
-      "mean_downlink_bpp": float(np.mean([r["downlink_bpp"] for r in rows])),
-      "mean_uplink_total_bpp": float(np.mean([r["uplink_total_bpp"] for r in rows])),
-      "mean_downlink_total_bpp": float(np.mean([r["downlink_total_bpp"] for r in rows])),
+      **{f"mean_{key}": _mean_or_nan([r[key] for r in carried])
+         for key in ("uplink_bpp", "downlink_bpp", "uplink_total_bpp", "downlink_total_bpp")},
       "total_bytes": int(rows[-1]["cumulative_bytes"]),
       "total_uplink_bytes": int(rows[-1]["cumulative_uplink_bytes"]),
       "total_downlink_bytes": int(rows[-1]["cumulative_downlink_bytes"]),
       "wall_seconds": float(sum(r.get("wall_seconds", 0.0) for r in rows)),
       "environment": environment(),
   })
-  out.update(mean_coded_bpp(rows))
+  out.update(mean_coded_bpp(carried))
   return out
+
+
+def _mean_or_nan(values: list[float]) -> float:
+  """The mean of `values`; NaN when there are none (a run in which no round carried traffic)."""
+  return float(np.mean(values)) if values else float("nan")
 
 
 def environment() -> dict:

@@ -556,8 +556,10 @@ class _LoopbackGrid:
 
 
 def test_server_drops_a_garbage_client_and_finishes_the_round(tmp_path, real, serverapp):
-  """Round 0: client 1 sends random bytes; round 1: client 2 sends a NaN. Both rounds complete
-  with the other two clients (weights renormalised), the reasons are logged and recorded."""
+  """Round 0: client 1 sends random bytes, and the round completes with clients 0 and 2
+  (weights renormalised). Round 1: client 2 sends a NaN and clients 0 and 1 random bytes, so no
+  uplink is accepted: the model stays, the row's bpp are NaN and the summary's bpp means are
+  round 0's. The reasons are logged and recorded."""
   from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
   from fedbif_jax.deploy import apps, runconfig
@@ -568,7 +570,7 @@ def test_server_drops_a_garbage_client_and_finishes_the_round(tmp_path, real, se
     if message.metadata.message_type != "train":
       return reply
     t, client = int(message.content["round"]["round"]), int(message.content["round"]["client-id"])
-    if (t, client) == (0, 1):
+    if (t, client) in ((0, 1), (1, 0), (1, 1)):
       garbage = rng.integers(0, 256, 5000, dtype=np.uint8)
     elif (t, client) == (1, 2):
       decoded = wire.decode(apps.read_array(reply.content, "uplink", "x")[0].tobytes())
@@ -588,17 +590,27 @@ def test_server_drops_a_garbage_client_and_finishes_the_round(tmp_path, real, se
     rows = [json.loads(line) for line in f]
   messages = serverapp
   print("\n".join(m for m in messages if "dropped" in m))
-  assert [r["accepted"] for r in rows] == [[0, 2], [0, 1]], rows
-  assert list(rows[0]["dropped"]) == ["1"] and list(rows[1]["dropped"]) == ["2"]
+  assert [r["accepted"] for r in rows] == [[0, 2], []], rows
+  assert list(rows[0]["dropped"]) == ["1"] and sorted(rows[1]["dropped"]) == ["0", "1", "2"]
   assert "non-finite" in rows[1]["dropped"]["2"], rows[1]["dropped"]
   assert any("round 0: dropped client 1: uplink of client 1:" in m for m in messages), messages
   assert any("round 1: dropped client 2:" in m and "non-finite" in m for m in messages)
-  assert summary["rounds"] == 2 and summary["dropped_uplinks"] == 2
+  assert any("round 1: no client's uplink was accepted" in m for m in messages), messages
+  assert summary["rounds"] == 2 and summary["dropped_uplinks"] == 4
+  assert summary["rounds_without_uplink"] == 1
   assert all(math.isfinite(r["test_loss"]) for r in rows)
+  # The model did not move in round 1: it evaluates exactly as after round 0.
+  assert rows[1]["test_accuracy"] == rows[0]["test_accuracy"], rows
+  assert rows[1]["test_loss"] == rows[0]["test_loss"], rows
   spec, data = real["fedbif"]
-  for row in rows:  # the ledger counts the two accepted clients only
-    assert row["uplink_bytes_accepted"] == 2 * len(data) == row["uplink_bits"] // 8, row
-    assert row["uplink_bytes_received"] > row["uplink_bytes_accepted"]
+  # The ledger counts the accepted clients only: two in round 0, none in round 1.
+  assert rows[0]["uplink_bytes_accepted"] == 2 * len(data) == rows[0]["uplink_bits"] // 8
+  assert rows[1]["uplink_bytes_accepted"] == 0 == rows[1]["uplink_bits"]
+  assert all(r["uplink_bytes_received"] > r["uplink_bytes_accepted"] for r in rows), rows
+  assert math.isnan(rows[1]["uplink_bpp"]) and math.isnan(rows[1]["downlink_bpp"]), rows[1]
+  for key in ("uplink_bpp", "downlink_bpp", "uplink_total_bpp", "downlink_total_bpp"):
+    assert summary[f"mean_{key}"] == rows[0][key], (key, summary)
+  assert summary["mean_uplink_bpp"] == 1.0 and summary["mean_downlink_bpp"] == 4.0, summary
   import jax
 
   from fedbif_jax import train

@@ -1,5 +1,6 @@
 """`fedbif_jax.records`: a run's line-per-round files, atomic JSON writes and the summary."""
 import json
+import math
 
 import ml_collections
 
@@ -63,3 +64,20 @@ def test_summary_of_hand_made_rows():
       "total_bytes": 150, "total_uplink_bytes": 30, "total_downlink_bytes": 120,
       "wall_seconds": 6.0, "mean_uplink_coded_bpp": 0.9}
   assert records.mean_coded_bpp(rows[:2]) == {}
+
+
+def test_summary_bpp_means_skip_rounds_without_traffic():
+  """A deployment round with no accepted uplink has NaN bpp; the means are over the other rounds
+  (hand-computed: uplink (1 + 3) / 2 = 2, total (1.5 + 3.5) / 2 = 2.5), and NaN only when no
+  round carried traffic."""
+  config = ml_collections.ConfigDict({"algorithm": "fedbif"})
+  nan = float("nan")
+  lost = dict(uplink_bpp=nan, downlink_bpp=nan, uplink_total_bpp=nan, downlink_total_bpp=nan)
+  rows = [_row(0, 0.5, 2.0, 10, 40), _row(1, 0.5, 2.0, 10, 80, **lost),
+          _row(2, 0.6, 1.5, 20, 120)]
+  summary = records.summary(rows, config)
+  assert (summary["mean_uplink_bpp"], summary["mean_uplink_total_bpp"]) == (2.0, 2.5), summary
+  assert (summary["mean_downlink_bpp"], summary["mean_downlink_total_bpp"]) == (4.0, 4.5)
+  assert summary["total_bytes"] == 140
+  only_lost = records.summary([_row(0, 0.5, 2.0, 0, 40, **lost)], config)
+  assert all(math.isnan(only_lost[f"mean_{k}"]) for k in ("uplink_bpp", "downlink_total_bpp"))

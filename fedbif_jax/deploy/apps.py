@@ -281,6 +281,8 @@ def _summary(rows: list[dict], config) -> dict:
       "downlink_array_bytes": sum(r["downlink_array_bytes"] for r in rows),
       "uplink_array_bytes": sum(r["uplink_array_bytes"] for r in rows),
       "dropped_uplinks": sum(len(r["dropped"]) for r in rows),
+      # Rounds in which no uplink was accepted (the model stayed; left out of the bpp means).
+      "rounds_without_uplink": sum(not r["accepted"] for r in rows),
   })
   return summary
 
