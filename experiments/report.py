@@ -366,9 +366,8 @@ def beyond_section(table, beyond, targets) -> list[str]:
 
 def _seed_pairs(runs, reference) -> list[tuple[dict, dict]]:
   """(variant run, default run) of the same seed (same partition and initial model), finished."""
-  by_seed = {r["config"]["seed"]: r for r in reference if r["summary"] and r["config"]}
-  return [(r, by_seed[r["config"]["seed"]]) for r in runs
-          if r["summary"] and r["config"] and r["config"]["seed"] in by_seed]
+  by_seed = {r["seed"]: r for r in reference if r["summary"]}
+  return [(r, by_seed[r["seed"]]) for r in runs if r["summary"] and r["seed"] in by_seed]
 
 
 def paired_verdict(label, partition, runs, reference) -> str:
@@ -510,21 +509,26 @@ def properties_section(table, abl, partitions, rel, fig_dir) -> list[str]:
   return lines
 
 
-def ablation_section(table, abl, rel, fig_dir) -> list[str]:
+def ablation_section(table, abl, targets, rel, fig_dir) -> list[str]:
+  """The ablations on Dir(0.5) in Table 1's columns plus the final sparsity, each variant against
+  FedBiF-1/4 paired by seed (`paired_verdict`), and Fig. 3 / Fig. 4's curves."""
   lines = ["## Ablations on Dir(0.5) (Fig. 3, Fig. 4)", "",
-           "| variant | seeds | best acc | final acc | up bpp | down bpp | final sparsity (%) |",
-           "|---|---|---|---|---|---|---|"]
-  ref = [("FedBiF-1/4 (Table 1 run)", table.get(("fedbif", "dir0.5"), []))]
-  for name, rs in ref + [(LABELS[v], abl.get((v, "dir0.5"), [])) for v in ABLATIONS]:
+           "Same setup and tuned values as Table 1; each variant changes one thing "
+           "(`experiments/grid.py:ABLATIONS`). Columns as in Table 1 (target: Table 1's).", "",
+           f"| variant | seeds | best acc | final acc | last-{LAST_EVALS} acc | up bpp | down bpp | "
+           "total MB | rounds to target | MB to target | final sparsity (%) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  reference = table.get(("fedbif", "dir0.5"), [])
+  verdicts = []
+  for v, rs in [("fedbif", reference)] + [(v, abl.get((v, "dir0.5"), [])) for v in ABLATIONS]:
     if not rs:
       continue
-    failed = sum(bool(r["failed"]) for r in rs)
-    done = [r for r in rs if r["summary"]]
-    up, down = _summary_stat(done, "mean_uplink_bpp")[0], _summary_stat(done, "mean_downlink_bpp")[0]
-    sp = _summary_stat(done, "final_sparsity")[0]
-    tail = (f"{up:.3f} | {down:.3f} | {100 * sp:.1f} |" if up is not None else "- | - | - |")
-    lines.append(f"| {name} | {len(rs)} | {_pct(*_summary_stat(done, 'best_accuracy'), failed)} | "
-                 f"{_pct(*_summary_stat(done, 'final_accuracy'), failed)} | {tail}")
+    sparsity = _summary_stat([r for r in rs if r["summary"]], "final_sparsity")[0]
+    lines.append(f"| {LABELS[v]} | {_result_cells(rs, targets.get('dir0.5'))} | "
+                 + (f"{100 * sparsity:.1f} |" if sparsity is not None else "- |"))
+    if v != "fedbif":
+      verdicts.append(paired_verdict(LABELS[v], PARTITION_LABELS["dir0.5"], rs, reference))
+  lines += [""] + verdicts if verdicts else []
   fig3 = [("FedBiF-1/4", table.get(("fedbif", "dir0.5"), []))] + [
       (LABELS[v], abl.get((v, "dir0.5"), [])) for v in ("fedbif-1-8", "fedbif-2-4", "fedbif-2-8")]
   fig4 = [("FedBiF-1/4", table.get(("fedbif", "dir0.5"), [])),
@@ -592,6 +596,20 @@ def _verdict(ok):
 
 def _mean(runs, key):
   return _summary_stat([r for r in runs if r["summary"]], key)
+
+
+def _seeds(runs) -> set:
+  """The seeds of the finished runs in `runs`."""
+  return {r["seed"] for r in runs if r["summary"]}
+
+
+def _on_seeds(runs, seeds) -> list[dict]:
+  """The runs of `runs` with a seed in `seeds` (a reference cut to a short cell's seeds)."""
+  return [r for r in runs if r["seed"] in seeds]
+
+
+def _n_seeds(seeds) -> str:
+  return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, sorted(seeds)))})"
 
 
 def bytes_claim(table, p, target) -> str:
@@ -707,39 +725,45 @@ def claims(table, abl, partitions, targets) -> list[str]:
   if parts:
     out.append(f"- *FedBiF's global model has a smaller Lipschitz constant than FedAvg's* "
                f"(AutoLip upper bound, last round): {_verdict(ok_all)}. {'; '.join(parts)}.")
-  a = {v: _mean(abl.get((v, "dir0.5"), []), "best_accuracy")[0]
-       for v in ("fedbif-1-8", "fedbif-2-4", "fedbif-2-8")}
-  a["fedbif-1-4"] = _mean(table.get(("fedbif", "dir0.5"), []), "best_accuracy")[0]
-  if all(v is not None for v in a.values()):
+  bits = {"fedbif-1-4": table.get(("fedbif", "dir0.5"), []),
+          **{v: abl.get((v, "dir0.5"), []) for v in ("fedbif-1-8", "fedbif-2-4", "fedbif-2-8")}}
+  seeds = set.intersection(*(_seeds(rs) for rs in bits.values()))
+  if seeds:
+    a = {v: _mean(_on_seeds(rs, seeds), "best_accuracy")[0] for v, rs in bits.items()}
     fmt = ", ".join(f"{k.replace('fedbif-', '').replace('-', '/')} {100 * v:.1f}"
                     for k, v in a.items())
     out.append(f"- *Fig. 3: FedBiF-1/8 ends lower than 1/4*: "
                f"{_verdict(a['fedbif-1-8'] < a['fedbif-1-4'])}; *FedBiF-2/8 ends above 1/4*: "
                f"{_verdict(a['fedbif-2-8'] > a['fedbif-1-4'])}. Best accuracy (Dir(0.5), mean "
-               f"of seeds): {fmt}.")
-  ref = {k: _mean(table.get((k, "dir0.5"), []), "best_accuracy")[0]
-         for k in ("fedbif", "fedavg", "signsgd")}
-  var = {k: _mean(abl.get((k, "dir0.5"), []), "best_accuracy")[0]
-         for k in ("no_vbi", "sign_bit", "fixed_selector", "random_selector")}
-  f, avg, sgn = ref["fedbif"], ref["fedavg"], ref["signsgd"]
+               f"over the {_n_seeds(seeds)} every one of them has): {fmt}.")
   pct = lambda v: f"{100 * v:.1f}"
-  if f is not None and avg is not None:
-    if var["no_vbi"] is not None:
+  for v in ("no_vbi", "sign_bit", "fixed_selector", "random_selector"):
+    rs = abl.get((v, "dir0.5"), [])
+    # Each comparison on the seeds the variant has: both sides average the same partitions
+    # and initial models while the ablation cell is short of seeds.
+    seeds = _seeds(rs)
+    ref = {k: _mean(_on_seeds(table.get((k, "dir0.5"), []), seeds), "best_accuracy")[0]
+           for k in ("fedbif", "fedavg", "signsgd")}
+    var, f, avg, sgn = _mean(rs, "best_accuracy")[0], ref["fedbif"], ref["fedavg"], ref["signsgd"]
+    if var is None or f is None or avg is None:
+      continue
+    on = f" (best accuracy, Dir(0.5), mean over {_n_seeds(seeds)})"
+    if v == "no_vbi":
       out.append(f"- *Without VBI accuracy is lower, but still reaches FedAvg's*: "
-                 f"{_verdict(var['no_vbi'] < f and var['no_vbi'] >= avg)}. without VBI "
-                 f"{pct(var['no_vbi'])}, FedBiF {pct(f)}, FedAvg {pct(avg)}.")
-    if var["sign_bit"] is not None:
+                 f"{_verdict(f > var >= avg)}. without VBI {pct(var)}, FedBiF {pct(f)}, "
+                 f"FedAvg {pct(avg)}{on}.")
+    elif v == "sign_bit":
       out.append(f"- *With a sign bit FedBiF fails to train a usable model*: "
-                 f"{_verdict(var['sign_bit'] < 0.5 * f)} (read as: below half of FedBiF's "
-                 f"accuracy). with sign bit {pct(var['sign_bit'])}, FedBiF {pct(f)}.")
-    if var["fixed_selector"] is not None and sgn is not None:
+                 f"{_verdict(var < 0.5 * f)} (read as: below half of FedBiF's "
+                 f"accuracy). with sign bit {pct(var)}, FedBiF {pct(f)}{on}.")
+    elif v == "fixed_selector" and sgn is not None:
       out.append(f"- *The fixed selector is worse than FedAvg but better than SignSGD*: "
-                 f"{_verdict(sgn < var['fixed_selector'] < avg)}. fixed "
-                 f"{pct(var['fixed_selector'])}, FedAvg {pct(avg)}, SignSGD {pct(sgn)}.")
-    if var["random_selector"] is not None:
+                 f"{_verdict(sgn < var < avg)}. fixed {pct(var)}, FedAvg {pct(avg)}, "
+                 f"SignSGD {pct(sgn)}{on}.")
+    elif v == "random_selector":
       out.append(f"- *The random selector is comparable to the sequential one* (within 2 "
-                 f"points): {_verdict(abs(var['random_selector'] - f) <= 0.02)}. random "
-                 f"{pct(var['random_selector'])}, sequential {pct(f)}.")
+                 f"points): {_verdict(abs(var - f) <= 0.02)}. random {pct(var)}, sequential "
+                 f"{pct(f)}{on}.")
   return out
 
 
@@ -807,7 +831,7 @@ def write_report(root: str, out: str, tuned_path: str = DEFAULT_TUNED, smoke: bo
     lines += section
     lines += properties_section(table, abl, partitions, rel, fig_dir)
   if abl:
-    lines += ablation_section(table, abl, rel, fig_dir)
+    lines += ablation_section(table, abl, targets, rel, fig_dir)
   if bridge:
     lines += bridge_section(bridge)
   if runs.get("beyond"):
