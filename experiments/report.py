@@ -647,19 +647,29 @@ def _best_stat(runs):
 
 
 def _gaps_to_fedbif(table, p, stat):
-  """FedBiF's `stat` (mean, std, n) on partition `p` and, for FedAvg and each baseline that has
-  runs there, (variant, FedBiF minus it in points, whether within noise)."""
-  mine = stat(table.get(("fedbif", p), []))
+  """FedBiF's `stat` (mean, std, n) on partition `p` over all its seeds and, for FedAvg and each
+  baseline that has runs there, (variant, FedBiF minus it in points, whether within noise, the
+  seeds compared). Each gap is over the seeds both cells have, so that while a cell is short of
+  seeds both sides still average the same partitions and initial models."""
+  fedbif = table.get(("fedbif", p), [])
   gaps = []
   for v in ("fedavg",) + BASELINES:
-    other = stat(table.get((v, p), []))
-    if mine[0] is not None and other[0] is not None:
-      gaps.append((v, 100 * (mine[0] - other[0]), _within_noise(mine, other)))
-  return mine, gaps
+    other = table.get((v, p), [])
+    seeds = _seeds(fedbif) & _seeds(other)
+    mine, theirs = stat(_on_seeds(fedbif, seeds)), stat(_on_seeds(other, seeds))
+    if mine[0] is not None and theirs[0] is not None:
+      gaps.append((v, 100 * (mine[0] - theirs[0]), _within_noise(mine, theirs), seeds))
+  return stat(fedbif), gaps
 
 
 def _gap_list(gaps) -> str:
-  return ", ".join(f"{LABELS[v]} {g:+.1f}" + (" (within noise)" if n else "") for v, g, n in gaps)
+  """The gaps, each naming its seeds when they are fewer than the most any gap has."""
+  most = max((len(seeds) for *_, seeds in gaps), default=0)
+  def notes(noise, seeds):
+    said = (["within noise"] if noise else []) + (
+        [f"seeds {', '.join(map(str, sorted(seeds)))}"] if len(seeds) < most else [])
+    return f" ({'; '.join(said)})" if said else ""
+  return ", ".join(f"{LABELS[v]} {g:+.1f}{notes(noise, seeds)}" for v, g, noise, seeds in gaps)
 
 
 def _last_k_gaps(table, p) -> str:
@@ -667,7 +677,7 @@ def _last_k_gaps(table, p) -> str:
   mine, gaps = _gaps_to_fedbif(table, p, _last_k_stat)
   if not gaps:
     return ""
-  ahead = [LABELS[v] for v, g, _ in gaps if g > 0]
+  ahead = [LABELS[v] for v, g, *_ in gaps if g > 0]
   return (f" On the last-{LAST_EVALS} mean: FedBiF {100 * mine[0]:.1f}%; minus each: "
           + _gap_list(gaps)
           + (f"; ahead of {', '.join(ahead)} only." if ahead else "; behind every method."))
@@ -682,7 +692,7 @@ def claims(table, abl, partitions, targets) -> list[str]:
     if gaps:
       out.append(f"- *FedBiF-1/4 (1 bpp up, 4 bpp down) beats FedAvg and every quantization "
                  f"baseline* ({PARTITION_LABELS[p]}, best accuracy): "
-                 f"{_verdict(all(g > 0 for _, g, _ in gaps))}. FedBiF {100 * mine[0]:.1f}%; "
+                 f"{_verdict(all(g > 0 for _, g, *_ in gaps))}. FedBiF {100 * mine[0]:.1f}%; "
                  f"FedBiF minus each (points): {_gap_list(gaps)}." + _last_k_gaps(table, p))
   gaps = []
   for p in partitions:
@@ -844,7 +854,8 @@ def write_report(root: str, out: str, tuned_path: str = DEFAULT_TUNED, smoke: bo
   lines += found or ["No claim can be checked yet: too few finished runs."]
   scale = (f"`{example['model']['name']}`, {example['num_clients']} clients, "
            f"{example['rounds']} rounds" if example else "this scale")
-  lines += ["", "Verdicts compare means over seeds; \"within noise\" marks a gap smaller than "
+  lines += ["", "Verdicts compare means over seeds (an accuracy gap or an ablation: over the seeds "
+            "both sides have, named where a cell is short); \"within noise\" marks a gap smaller than "
             "twice the larger sample std. A claim that does not hold here is a result about "
             f"this scale ({scale}, the data above), not a verdict on the paper's full-scale "
             "runs.", ""]

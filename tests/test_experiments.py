@@ -234,6 +234,21 @@ def test_paired_verdict_compares_seed_by_seed():
   assert "no default FedBiF-1/4 run of the same seed" in verdict([_paired_run(7, [0.9])])
 
 
+def test_accuracy_gaps_are_over_the_seeds_both_cells_have():
+  """FedBiF seeds 0/1/2 best 0.50/0.60/0.70 (mean 60.0), FedAvg the same seeds 0.55/0.65/0.75,
+  SignSGD only seed 2 at 0.65: FedAvg's gap is -5.0 over all three seeds; SignSGD's is
+  0.70 - 0.65 = +5.0 on seed 2 (over every FedBiF seed it would be -5.0)."""
+  table = {("fedbif", "iid"): [_paired_run(s, [a]) for s, a in enumerate((0.5, 0.6, 0.7))],
+           ("fedavg", "iid"): [_paired_run(s, [a]) for s, a in enumerate((0.55, 0.65, 0.75))],
+           ("signsgd", "iid"): [_paired_run(2, [0.65])]}
+  mine, gaps = report_lib._gaps_to_fedbif(table, "iid", report_lib._best_stat)
+  assert mine[0] == pytest.approx(0.6) and mine[2] == 3
+  assert [(v, round(g, 6), seeds) for v, g, _, seeds in gaps] == [
+      ("fedavg", -5.0, {0, 1, 2}), ("signsgd", 5.0, {2})]
+  # FedAvg: -5.0 against sample stds of 10.0 each: within noise; one seed has no std.
+  assert report_lib._gap_list(gaps) == "FedAvg -5.0 (within noise), SignSGD +5.0 (seeds 2)"
+
+
 def test_last_k_column_averages_each_runs_last_evaluations_by_hand():
   # A run that swings between 0.56 and 0.46 (SignSGD's limit cycle): best 0.56 and final 0.46
   # pick a phase; the last 5 evaluations (0.56, 0.46, 0.56, 0.46, 0.46) average 0.50. Rows
@@ -246,8 +261,10 @@ def test_last_k_column_averages_each_runs_last_evaluations_by_hand():
   # Over the two seeds: best 57.0 ± 1.4 (0.56, 0.58), final 52.0 ± 8.5, last-5 52.0 ± 2.8.
   cells = report_lib._result_cells([swing, steady], None).split(" | ")
   assert cells[:4] == ["2", "57.0 ± 1.4", "52.0 ± 8.5", "52.0 ± 2.8"]
-  # The claim's last-k comparison: FedBiF steady (0.54) vs SignSGD swinging (0.50): +4.0 points.
-  gaps = report_lib._last_k_gaps({("fedbif", "iid"): [steady], ("signsgd", "iid"): [swing]}, "iid")
+  # The claim's last-k comparison on seed 0: FedBiF steady (0.54) vs SignSGD swinging (0.50):
+  # +4.0 points.
+  gaps = report_lib._last_k_gaps({("fedbif", "iid"): [dict(steady, seed=0)],
+                                  ("signsgd", "iid"): [swing]}, "iid")
   assert gaps == " On the last-5 mean: FedBiF 54.0%; minus each: SignSGD +4.0; ahead of SignSGD only."
 
 
