@@ -646,30 +646,48 @@ def _best_stat(runs):
   return _mean(runs, "best_accuracy")
 
 
+def _matched(*cells) -> tuple[set, list[list[dict]]]:
+  """The seeds every cell has a finished run of, and each cell cut to them: a comparison over
+  them averages the same partitions and initial models on every side while a cell is short."""
+  seeds = set.intersection(*(_seeds(rs) for rs in cells))
+  return seeds, [_on_seeds(rs, seeds) for rs in cells]
+
+
+def _seed_note(seeds, *cells) -> str:
+  """'seeds 0, 1' when `seeds` leaves out a finished seed of one of `cells`; '' otherwise."""
+  if all(_seeds(rs) <= seeds for rs in cells):
+    return ""
+  return f"seeds {', '.join(map(str, sorted(seeds)))}"
+
+
 def _gaps_to_fedbif(table, p, stat):
   """FedBiF's `stat` (mean, std, n) on partition `p` over all its seeds and, for FedAvg and each
-  baseline that has runs there, (variant, FedBiF minus it in points, whether within noise, the
-  seeds compared). Each gap is over the seeds both cells have, so that while a cell is short of
-  seeds both sides still average the same partitions and initial models."""
+  baseline with a finished run there, (variant, FedBiF minus it in points or None when they
+  share no seed, whether within noise, a note naming the seeds when some are left out). Each
+  gap is over the seeds both cells have (`_matched`)."""
   fedbif = table.get(("fedbif", p), [])
   gaps = []
   for v in ("fedavg",) + BASELINES:
     other = table.get((v, p), [])
-    seeds = _seeds(fedbif) & _seeds(other)
-    mine, theirs = stat(_on_seeds(fedbif, seeds)), stat(_on_seeds(other, seeds))
-    if mine[0] is not None and theirs[0] is not None:
-      gaps.append((v, 100 * (mine[0] - theirs[0]), _within_noise(mine, theirs), seeds))
+    if not _seeds(other) or not _seeds(fedbif):
+      continue
+    seeds, (mine, theirs) = _matched(fedbif, other)
+    if not seeds:
+      gaps.append((v, None, False, "no seed in common"))
+      continue
+    mine, theirs = stat(mine), stat(theirs)
+    gaps.append((v, 100 * (mine[0] - theirs[0]), _within_noise(mine, theirs),
+                 _seed_note(seeds, fedbif, other)))
   return stat(fedbif), gaps
 
 
 def _gap_list(gaps) -> str:
-  """The gaps, each naming its seeds when they are fewer than the most any gap has."""
-  most = max((len(seeds) for *_, seeds in gaps), default=0)
-  def notes(noise, seeds):
-    said = (["within noise"] if noise else []) + (
-        [f"seeds {', '.join(map(str, sorted(seeds)))}"] if len(seeds) < most else [])
-    return f" ({'; '.join(said)})" if said else ""
-  return ", ".join(f"{LABELS[v]} {g:+.1f}{notes(noise, seeds)}" for v, g, noise, seeds in gaps)
+  def cell(v, g, noise, note):
+    if g is None:
+      return f"{LABELS[v]} - ({note})"
+    said = (["within noise"] if noise else []) + ([note] if note else [])
+    return f"{LABELS[v]} {g:+.1f}" + (f" ({'; '.join(said)})" if said else "")
+  return ", ".join(cell(*gap) for gap in gaps)
 
 
 def _last_k_gaps(table, p) -> str:
@@ -677,7 +695,7 @@ def _last_k_gaps(table, p) -> str:
   mine, gaps = _gaps_to_fedbif(table, p, _last_k_stat)
   if not gaps:
     return ""
-  ahead = [LABELS[v] for v, g, *_ in gaps if g > 0]
+  ahead = [LABELS[v] for v, g, *_ in gaps if g is not None and g > 0]
   return (f" On the last-{LAST_EVALS} mean: FedBiF {100 * mine[0]:.1f}%; minus each: "
           + _gap_list(gaps)
           + (f"; ahead of {', '.join(ahead)} only." if ahead else "; behind every method."))
@@ -692,25 +710,30 @@ def claims(table, abl, partitions, targets) -> list[str]:
     if gaps:
       out.append(f"- *FedBiF-1/4 (1 bpp up, 4 bpp down) beats FedAvg and every quantization "
                  f"baseline* ({PARTITION_LABELS[p]}, best accuracy): "
-                 f"{_verdict(all(g > 0 for _, g, *_ in gaps))}. FedBiF {100 * mine[0]:.1f}%; "
+                 f"{_verdict(all(g is not None and g > 0 for _, g, *_ in gaps))}. "
+                 f"FedBiF {100 * mine[0]:.1f}%; "
                  f"FedBiF minus each (points): {_gap_list(gaps)}." + _last_k_gaps(table, p))
   gaps = []
   for p in partitions:
-    for key in ("best_accuracy", "final_accuracy"):
-      a, b = _mean(table.get(("fedbif", p), []), key), _mean(table.get(("fedavg", p), []), key)
-      if a[0] is not None and b[0] is not None:
-        gaps.append((p, key, 100 * (a[0] - b[0])))
+    cells = table.get(("fedbif", p), []), table.get(("fedavg", p), [])
+    seeds, (mine, theirs) = _matched(*cells)
+    note = _seed_note(seeds, *cells)
+    for key in ("best_accuracy", "final_accuracy") if seeds else ():
+      gaps.append((p, key, 100 * (_mean(mine, key)[0] - _mean(theirs, key)[0]),
+                   f" ({note})" if note else ""))
   if gaps:
-    ok = all(2 <= g <= 9 for _, _, g in gaps)
+    ok = all(2 <= g <= 9 for _, _, g, _ in gaps)
     out.append("- *FedBiF improves test accuracy over FedAvg by 2-9 points*: "
                f"{_verdict(ok)}. FedBiF minus FedAvg (points): " + ", ".join(
-                   f"{PARTITION_LABELS[p]} {k.split('_')[0]} {g:+.1f}" for p, k, g in gaps) + ".")
+                   f"{PARTITION_LABELS[p]} {k.split('_')[0]} {g:+.1f}{n}" for p, k, g, n in gaps)
+               + ".")
   for p in partitions:
     if targets.get(p) and table.get(("fedbif", p)):
       out.append(bytes_claim(table, p, targets[p]))
   sp = []
   for p in partitions:
-    done = [r for r in table.get(("fedbif", p), []) if r["summary"]]
+    done = [r for r in table.get(("fedbif", p), [])
+            if r["summary"] and _first(r, "sparsity") is not None]  # rows that log it
     if done:
       sp.append((p, np.mean([_first(r, "sparsity") for r in done]),
                  np.mean([_last(r, "sparsity") for r in done])))
@@ -724,22 +747,25 @@ def claims(table, abl, partitions, targets) -> list[str]:
                            for p, a, b in sp) + ".")
   parts, ok_all = [], True
   for p in partitions:
-    lf = [_last(r, "lipschitz") for r in table.get(("fedbif", p), []) if r["summary"]]
-    la = [_last(r, "lipschitz") for r in table.get(("fedavg", p), []) if r["summary"]]
-    l0 = [_first(r, "lipschitz_untrained") for r in table.get(("fedbif", p), []) if r["summary"]]
-    lf, la, l0 = [v for v in lf if v], [v for v in la if v], [v for v in l0 if v]
+    cells = table.get(("fedbif", p), []), table.get(("fedavg", p), [])
+    seeds, (mine, theirs) = _matched(*cells)
+    note = _seed_note(seeds, *cells)
+    lf = [v for v in (_last(r, "lipschitz") for r in mine if r["summary"]) if v]
+    la = [v for v in (_last(r, "lipschitz") for r in theirs if r["summary"]) if v]
+    l0 = [v for v in (_first(r, "lipschitz_untrained") for r in mine if r["summary"]) if v]
     if lf and la:
       parts.append(f"{PARTITION_LABELS[p]} FedBiF {np.mean(lf):.3g} vs FedAvg {np.mean(la):.3g}"
-                   + (f" (untrained {np.mean(l0):.3g})" if l0 else ""))
+                   + (f" (untrained {np.mean(l0):.3g})" if l0 else "")
+                   + (f" ({note})" if note else ""))
       ok_all &= np.mean(lf) < np.mean(la)
   if parts:
     out.append(f"- *FedBiF's global model has a smaller Lipschitz constant than FedAvg's* "
                f"(AutoLip upper bound, last round): {_verdict(ok_all)}. {'; '.join(parts)}.")
   bits = {"fedbif-1-4": table.get(("fedbif", "dir0.5"), []),
           **{v: abl.get((v, "dir0.5"), []) for v in ("fedbif-1-8", "fedbif-2-4", "fedbif-2-8")}}
-  seeds = set.intersection(*(_seeds(rs) for rs in bits.values()))
+  seeds, cut = _matched(*bits.values())
   if seeds:
-    a = {v: _mean(_on_seeds(rs, seeds), "best_accuracy")[0] for v, rs in bits.items()}
+    a = {v: _mean(rs, "best_accuracy")[0] for v, rs in zip(bits, cut)}
     fmt = ", ".join(f"{k.replace('fedbif-', '').replace('-', '/')} {100 * v:.1f}"
                     for k, v in a.items())
     out.append(f"- *Fig. 3: FedBiF-1/8 ends lower than 1/4*: "
@@ -747,33 +773,33 @@ def claims(table, abl, partitions, targets) -> list[str]:
                f"{_verdict(a['fedbif-2-8'] > a['fedbif-1-4'])}. Best accuracy (Dir(0.5), mean "
                f"over the {_n_seeds(seeds)} every one of them has): {fmt}.")
   pct = lambda v: f"{100 * v:.1f}"
-  for v in ("no_vbi", "sign_bit", "fixed_selector", "random_selector"):
-    rs = abl.get((v, "dir0.5"), [])
-    # Each comparison on the seeds the variant has: both sides average the same partitions
-    # and initial models while the ablation cell is short of seeds.
-    seeds = _seeds(rs)
-    ref = {k: _mean(_on_seeds(table.get((k, "dir0.5"), []), seeds), "best_accuracy")[0]
-           for k in ("fedbif", "fedavg", "signsgd")}
-    var, f, avg, sgn = _mean(rs, "best_accuracy")[0], ref["fedbif"], ref["fedavg"], ref["signsgd"]
-    if var is None or f is None or avg is None:
+  # Each claim over the seeds that every cell it reads has (`_matched`).
+  reads = {"no_vbi": ("fedbif", "fedavg"), "sign_bit": ("fedbif",),
+           "fixed_selector": ("fedavg", "signsgd"), "random_selector": ("fedbif",)}
+  for v, refs in reads.items():
+    seeds, cut = _matched(abl.get((v, "dir0.5"), []),
+                          *(table.get((k, "dir0.5"), []) for k in refs))
+    if not seeds:
       continue
+    var, m = _mean(cut[0], "best_accuracy")[0], {
+        k: _mean(rs, "best_accuracy")[0] for k, rs in zip(refs, cut[1:])}
     on = f" (best accuracy, Dir(0.5), mean over {_n_seeds(seeds)})"
     if v == "no_vbi":
       out.append(f"- *Without VBI accuracy is lower, but still reaches FedAvg's*: "
-                 f"{_verdict(f > var >= avg)}. without VBI {pct(var)}, FedBiF {pct(f)}, "
-                 f"FedAvg {pct(avg)}{on}.")
+                 f"{_verdict(m['fedbif'] > var >= m['fedavg'])}. without VBI {pct(var)}, "
+                 f"FedBiF {pct(m['fedbif'])}, FedAvg {pct(m['fedavg'])}{on}.")
     elif v == "sign_bit":
       out.append(f"- *With a sign bit FedBiF fails to train a usable model*: "
-                 f"{_verdict(var < 0.5 * f)} (read as: below half of FedBiF's "
-                 f"accuracy). with sign bit {pct(var)}, FedBiF {pct(f)}{on}.")
-    elif v == "fixed_selector" and sgn is not None:
+                 f"{_verdict(var < 0.5 * m['fedbif'])} (read as: below half of FedBiF's "
+                 f"accuracy). with sign bit {pct(var)}, FedBiF {pct(m['fedbif'])}{on}.")
+    elif v == "fixed_selector":
       out.append(f"- *The fixed selector is worse than FedAvg but better than SignSGD*: "
-                 f"{_verdict(sgn < var < avg)}. fixed {pct(var)}, FedAvg {pct(avg)}, "
-                 f"SignSGD {pct(sgn)}{on}.")
-    elif v == "random_selector":
+                 f"{_verdict(m['signsgd'] < var < m['fedavg'])}. fixed {pct(var)}, FedAvg "
+                 f"{pct(m['fedavg'])}, SignSGD {pct(m['signsgd'])}{on}.")
+    else:
       out.append(f"- *The random selector is comparable to the sequential one* (within 2 "
-                 f"points): {_verdict(abs(var - f) <= 0.02)}. random {pct(var)}, sequential "
-                 f"{pct(f)}{on}.")
+                 f"points): {_verdict(abs(var - m['fedbif']) <= 0.02)}. random {pct(var)}, "
+                 f"sequential {pct(m['fedbif'])}{on}.")
   return out
 
 
@@ -854,8 +880,9 @@ def write_report(root: str, out: str, tuned_path: str = DEFAULT_TUNED, smoke: bo
   lines += found or ["No claim can be checked yet: too few finished runs."]
   scale = (f"`{example['model']['name']}`, {example['num_clients']} clients, "
            f"{example['rounds']} rounds" if example else "this scale")
-  lines += ["", "Verdicts compare means over seeds (an accuracy gap or an ablation: over the seeds "
-            "both sides have, named where a cell is short); \"within noise\" marks a gap smaller than "
+  lines += ["", "Verdicts compare means over seeds: over the seeds that every cell a comparison "
+            "reads has finished (named where that leaves a finished seed out), except the bytes "
+            "claim, which takes each cell over its own seeds; \"within noise\" marks a gap smaller than "
             "twice the larger sample std. A claim that does not hold here is a result about "
             f"this scale ({scale}, the data above), not a verdict on the paper's full-scale "
             "runs.", ""]

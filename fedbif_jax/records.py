@@ -85,9 +85,9 @@ def summary(rows: list[dict], config) -> dict:
       loss_key = key.replace("accuracy", "loss")
       if loss_key in evaluated[-1]:
         out[f"final_{prefix}loss"] = evaluated[-1][loss_key]
-  # A deployment round that accepted no uplink has no traffic in the ledger and NaN bpp (bits
-  # per weight of nothing); the means are over the rounds that carried traffic, so one lost
-  # round does not void the run's figures (the deployment summary counts the lost rounds).
+  # A deployment round that accepted no uplink has nothing in the ledger (it counts accepted
+  # clients only) and NaN bpp; the means are over the other rounds, so one lost round does not
+  # void the run's figures (the deployment summary counts the lost rounds).
   carried = [r for r in rows if math.isfinite(r["uplink_bpp"])]
   out.update({
       "final_sparsity": rows[-1]["sparsity"],

@@ -163,7 +163,8 @@ def test_report_statistics_match_hand_computation(tmp_path):
   assert ("| FedBiF-1/4 (uniform Eq. 6) | 1 | 60.0 | 60.0 | 57.5 | 1.000 | 4.000 | 0.2 | "
           "1 (1/1) | 0.1 |") in text
   assert "IID 20.0 → 30.0%" in text  # untrained -> final sparsity
-  assert "FedBiF minus FedAvg (points): IID best +0.0, IID final +0.0" in text
+  # On the seed both have (0): FedBiF 0.6 vs FedAvg 0.5; FedAvg's seed 1 is left out and named.
+  assert "FedBiF minus FedAvg (points): IID best +10.0 (seeds 0), IID final +10.0 (seeds 0)" in text
   rounds, mean = report_lib._curve(report_lib.load_runs(str(tmp_path))["table1"][("fedavg", "iid")],
                                    "test_accuracy")
   assert list(rounds) == [0, 1] and list(mean) == pytest.approx([0.3, 0.6])
@@ -190,6 +191,19 @@ def test_ablation_claims_compare_on_the_seeds_the_ablation_has(tmp_path):
   assert "| without VBI | 1 | 45.0 | 45.0 | 45.0 | 1.000 | 4.000 | 1.0 | 1 (1/1) | 1.0 | 0.0 |" in text
   assert ("- without VBI, Dir(0.5): one seed so far, no verdict: best -5.0; final "
           "-5.0 points against default FedBiF-1/4 of the same seed.") in text
+
+
+def test_ablation_claims_read_only_seeds_every_cell_has():
+  """Fixed selector seeds 0/1/2 at 0.35/0.35/0.20, SignSGD seeds 0/1 at 0.30, FedAvg seeds 0/1/2
+  at 0.60: on seeds 0 and 1, SignSGD 30.0 < fixed 35.0 < FedAvg 60.0 holds (with seed 2 on
+  the fixed side only, 30.0 < 30.0 would not)."""
+  abl = {("fixed_selector", "dir0.5"): [_paired_run(s, [a]) for s, a in enumerate((0.35, 0.35, 0.2))]}
+  table = {("fedavg", "dir0.5"): [_paired_run(s, [0.6]) for s in range(3)],
+           ("signsgd", "dir0.5"): [_paired_run(s, [0.3]) for s in range(2)]}
+  found = [c for c in report_lib.claims(table, abl, ["dir0.5"], {}) if "fixed selector" in c]
+  assert found == ["- *The fixed selector is worse than FedAvg but better than SignSGD*: "
+                   "**holds**. fixed 35.0, FedAvg 60.0, SignSGD 30.0 (best accuracy, Dir(0.5), "
+                   "mean over 2 seeds (0, 1))."]
 
 
 def test_grid_cli_lists_and_rejects_bad_flags(tmp_path):
@@ -243,10 +257,17 @@ def test_accuracy_gaps_are_over_the_seeds_both_cells_have():
            ("signsgd", "iid"): [_paired_run(2, [0.65])]}
   mine, gaps = report_lib._gaps_to_fedbif(table, "iid", report_lib._best_stat)
   assert mine[0] == pytest.approx(0.6) and mine[2] == 3
-  assert [(v, round(g, 6), seeds) for v, g, _, seeds in gaps] == [
-      ("fedavg", -5.0, {0, 1, 2}), ("signsgd", 5.0, {2})]
+  assert [(v, round(g, 6), noise, note) for v, g, noise, note in gaps] == [
+      ("fedavg", -5.0, True, ""), ("signsgd", 5.0, False, "seeds 2")]
   # FedAvg: -5.0 against sample stds of 10.0 each: within noise; one seed has no std.
   assert report_lib._gap_list(gaps) == "FedAvg -5.0 (within noise), SignSGD +5.0 (seeds 2)"
+  # A baseline that shares no seed with FedBiF is listed, and the claim cannot hold without it.
+  table = {("fedbif", "iid"): [_paired_run(0, [0.5])], ("fedavg", "iid"): [_paired_run(0, [0.4])],
+           ("signsgd", "iid"): [_paired_run(1, [0.9])]}
+  _, gaps = report_lib._gaps_to_fedbif(table, "iid", report_lib._best_stat)
+  assert report_lib._gap_list(gaps) == "FedAvg +10.0, SignSGD - (no seed in common)"
+  claim = report_lib.claims(table, {}, ["iid"], {})[0]
+  assert "beats FedAvg and every quantization baseline* (IID, best accuracy): **does not hold**" in claim
 
 
 def test_last_k_column_averages_each_runs_last_evaluations_by_hand():

@@ -222,8 +222,9 @@ class Server:
     else:
       log.error("round %d: no client's uplink was accepted; the global model is unchanged", t)
       train_loss = float("nan")
-      # The ledger of no uplinks: no bits, and bits per weight undefined (NaN, as in the
-      # summary's means over the rounds).
+      # The ledger counts accepted clients only, so here no bits either way (the downlink that
+      # was broadcast is in downlink_bytes_sent) and bits per weight are undefined: NaN, left
+      # out of the summary's bpp means (`records.summary`).
       row.update({"uplink_bits": 0, "downlink_bits": 0,
                   **{f"{d}_{k}bpp": float("nan") for d in ("uplink", "downlink")
                      for k in ("", "total_")}})
