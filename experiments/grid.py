@@ -25,7 +25,8 @@ Grids, in the order the pipeline runs them (the decisive comparisons first):
   then Dir(0.1), then seed 2.
 * ``ablations`` - Dir(0.5) x 3 seeds at FedBiF's tuned values: FedBiF-1/8, 2/4, 2/8 (Fig. 3;
   100 rounds = 12.5 passes over 8 bits at s = 1) and with a sign bit, without VBI, with the fixed
-  (third bit) and the random selector (Fig. 4).
+  (third bit) and the random selector (Fig. 4); then ours, FedBiF-1/8 and 2/8 with the bit step
+  matched to the tuned 1/4 (`matched_bit_lr_scale`).
 * ``bridge`` - the BatchNorm-free ``cnn`` on IID, seed 0, FedAvg and FedBiF at their tuned
   values: the link to the earlier, BatchNorm-free study.
 * ``beyond`` - what the paper leaves open (`BEYOND`), each against table1's default FedBiF
@@ -105,7 +106,25 @@ FEDPAQ_BITS = (2, 4, 8)                     # coarsest first
 FEDDQ_RESOLUTIONS = (0.02, 0.005, 0.001)    # coarsest first
 SIGNSGD_SERVER_LRS = (0.0003, 0.001, 0.003, 0.01)
 
-# name -> overrides of the tuned FedBiF-1/4 (Fig. 3 and Fig. 4 of the paper).
+
+def matched_bit_lr_scale(config: ml_collections.ConfigDict) -> float:
+  """The ``bit_lr_scale`` at which a bit step moves its weight as far as in the tuned FedBiF-1/4.
+
+  A virtual bit i's straight-through gradient is alpha * 2^i * dL/dw with alpha = max|w| /
+  2^(m-1) (Eq. 5). With ``inverse_pow2`` its step moves the weight by scale * lr * alpha * dL/dw,
+  which at m = 8 is 2^(8-4) = 16 times less than at m = 4 for the same scale, so the scale grows
+  by 2^(m-4). With ``uniform`` (the paper's one step) the most significant bit moves the weight
+  by scale * lr * max|w| * dL/dw at every m, and the scale stays.
+  """
+  f = config.fedbif
+  return f.bit_lr_scale * (2.0 ** (f.bits - 4) if f.bit_step == "inverse_pow2" else 1.0)
+
+
+# name -> overrides of the tuned FedBiF-1/4 (Fig. 3 and Fig. 4 of the paper). A callable value is
+# computed from the run's config after the tuned values and the plain overrides (`run_config`).
+# The "-matched" variants are ours: m = 8 at the tuned values moves each weight 16 times less per
+# bit step than m = 4 does under the tuned ``inverse_pow2`` rule (`matched_bit_lr_scale`), so
+# Fig. 3's m = 8 rows are run both ways.
 ABLATIONS = {
     "fedbif-1-8": {"fedbif.bits": 8},
     "fedbif-2-4": {"fedbif.active_bits": 2},
@@ -114,6 +133,9 @@ ABLATIONS = {
     "no_vbi": {"fedbif.vbi": False},
     "fixed_selector": {"fedbif.selector": "fixed"},
     "random_selector": {"fedbif.selector": "random"},
+    "fedbif-1-8-matched": {"fedbif.bits": 8, "fedbif.bit_lr_scale": matched_bit_lr_scale},
+    "fedbif-2-8-matched": {"fedbif.bits": 8, "fedbif.active_bits": 2,
+                           "fedbif.bit_lr_scale": matched_bit_lr_scale},
 }
 # name -> overrides of the tuned FedBiF-1/4: the directions the paper leaves open (Sec. 6).
 # The codec changes no value a client or the server computes (its runs must equal table1's
@@ -277,11 +299,13 @@ def read_tuned(path: str) -> dict:
 def run_config(base: ml_collections.ConfigDict, run: Run,
                tuned: Optional[dict] = None) -> ml_collections.ConfigDict:
   """The run's config: the study config, then the tuned values of `run.method` (if it needs
-  them: KeyError when they are missing), then the run's own overrides."""
+  them: KeyError when they are missing), then the run's own overrides, the plain ones first and
+  then those given as a function of the config so far (e.g. `matched_bit_lr_scale`)."""
   config = ml_collections.ConfigDict(base.to_dict())
   if run.method:
     set_fields(config, (tuned or {"methods": {}})["methods"][run.method]["overrides"])
-  set_fields(config, run.overrides)
+  set_fields(config, {k: v for k, v in run.overrides.items() if not callable(v)})
+  set_fields(config, {k: v(config) for k, v in run.overrides.items() if callable(v)})
   config.lock()
   return config
 

@@ -39,7 +39,10 @@ from fedbif_jax.records import read_json, read_jsonl
 LABELS = {"fedavg": "FedAvg", "signsgd": "SignSGD", "fedpaq": "FedPAQ", "feddq": "FedDQ",
           "dadaquant": "DAdaQuant", "fedbif": "FedBiF-1/4 (uniform Eq. 6)",
           "fedbif-pk": "FedBiF-1/4 (p_k)", "fedbif-1-8": "FedBiF-1/8",
-          "fedbif-2-4": "FedBiF-2/4", "fedbif-2-8": "FedBiF-2/8", "sign_bit": "with sign bit",
+          "fedbif-2-4": "FedBiF-2/4", "fedbif-2-8": "FedBiF-2/8",
+          "fedbif-1-8-matched": "FedBiF-1/8, bit step matched to 1/4 (ours)",
+          "fedbif-2-8-matched": "FedBiF-2/8, bit step matched to 1/4 (ours)",
+          "sign_bit": "with sign bit",
           "no_vbi": "without VBI", "fixed_selector": "fixed selector (3rd bit)",
           "random_selector": "random selector", "fedavg-cnn": "FedAvg, BN-free CNN",
           "fedbif-cnn": "FedBiF-1/4, BN-free CNN",
@@ -514,7 +517,12 @@ def ablation_section(table, abl, targets, rel, fig_dir) -> list[str]:
   FedBiF-1/4 paired by seed (`paired_verdict`), and Fig. 3 / Fig. 4's curves."""
   lines = ["## Ablations on Dir(0.5) (Fig. 3, Fig. 4)", "",
            "Same setup and tuned values as Table 1; each variant changes one thing "
-           "(`experiments/grid.py:ABLATIONS`). Columns as in Table 1 (target: Table 1's).", "",
+           "(`experiments/grid.py:ABLATIONS`). Columns as in Table 1 (target: Table 1's). With "
+           "the tuned per-bit rule (`inverse_pow2`) a bit step moves its weight by "
+           "scale x lr x alpha x dL/dw, and alpha = max|w| / 2^(m-1) is 16 times smaller at "
+           "m = 8, so FedBiF-1/8 and 2/8 at the tuned values take 16 times smaller steps than "
+           "1/4; the rows \"bit step matched to 1/4\" scale `bit_lr_scale` by 16 "
+           "(`grid.matched_bit_lr_scale`), derived, not tuned.", "",
            f"| variant | seeds | best acc | final acc | last-{LAST_EVALS} acc | up bpp | down bpp | "
            "total MB | rounds to target | MB to target | final sparsity (%) |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -530,7 +538,8 @@ def ablation_section(table, abl, targets, rel, fig_dir) -> list[str]:
       verdicts.append(paired_verdict(LABELS[v], PARTITION_LABELS["dir0.5"], rs, reference))
   lines += [""] + verdicts if verdicts else []
   fig3 = [("FedBiF-1/4", table.get(("fedbif", "dir0.5"), []))] + [
-      (LABELS[v], abl.get((v, "dir0.5"), [])) for v in ("fedbif-1-8", "fedbif-2-4", "fedbif-2-8")]
+      (LABELS[v], abl.get((v, "dir0.5"), []))
+      for v in ("fedbif-1-8", "fedbif-2-4", "fedbif-2-8", "fedbif-1-8-matched", "fedbif-2-8-matched")]
   fig4 = [("FedBiF-1/4", table.get(("fedbif", "dir0.5"), [])),
           ("FedAvg", table.get(("fedavg", "dir0.5"), [])),
           ("SignSGD", table.get(("signsgd", "dir0.5"), []))] + [
@@ -772,6 +781,18 @@ def claims(table, abl, partitions, targets) -> list[str]:
                f"{_verdict(a['fedbif-1-8'] < a['fedbif-1-4'])}; *FedBiF-2/8 ends above 1/4*: "
                f"{_verdict(a['fedbif-2-8'] > a['fedbif-1-4'])}. Best accuracy (Dir(0.5), mean "
                f"over the {_n_seeds(seeds)} every one of them has): {fmt}.")
+  # The same two comparisons with m = 8 at the bit step matched to the tuned 1/4
+  # (`grid.matched_bit_lr_scale`): the tuned per-bit rule moves a weight 16x less at m = 8.
+  matched = {"fedbif-1-4": bits["fedbif-1-4"],
+             **{v: abl.get((v + "-matched", "dir0.5"), []) for v in ("fedbif-1-8", "fedbif-2-8")}}
+  seeds, cut = _matched(*matched.values())
+  if seeds:
+    a = {v: _mean(rs, "best_accuracy")[0] for v, rs in zip(matched, cut)}
+    out.append(f"- *Fig. 3 with the bit step matched to 1/4 (ours)*: 1/8 lower than 1/4: "
+               f"{_verdict(a['fedbif-1-8'] < a['fedbif-1-4'])}; 2/8 above 1/4: "
+               f"{_verdict(a['fedbif-2-8'] > a['fedbif-1-4'])}. Best accuracy (Dir(0.5), mean "
+               f"over {_n_seeds(seeds)}): 1/4 {100 * a['fedbif-1-4']:.1f}, 1/8 "
+               f"{100 * a['fedbif-1-8']:.1f}, 2/8 {100 * a['fedbif-2-8']:.1f}.")
   pct = lambda v: f"{100 * v:.1f}"
   # Each claim over the seeds that every cell it reads has (`_matched`).
   reads = {"no_vbi": ("fedbif", "fedavg"), "sign_bit": ("fedbif",),

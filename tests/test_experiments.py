@@ -33,7 +33,9 @@ def test_full_grids_have_the_issue_shape():
   assert {r.overrides["algorithm"] for r in baselines[:8]} == set(grid_lib.BASELINES)
   assert all(r.overrides["data.partition"] == "iid" for r in baselines[:4])
   ablations = grid_lib.grid_runs("ablations")
-  assert len(ablations) == 7 * 3 and all(r.overrides["data.mu"] == 0.5 for r in ablations)
+  assert len(ablations) == 9 * 3 and all(r.overrides["data.mu"] == 0.5 for r in ablations)
+  assert [r.name for r in ablations[:9]][-2:] == ["fedbif-1-8-matched-dir0.5-s0",
+                                                  "fedbif-2-8-matched-dir0.5-s0"]
   base = grid_lib.study_config("x.npz")
   assert (base.model.name, base.local_epochs, base.batch_size, base.rounds) == ("cnn_bn", 2, 64, 100)
   assert base.data.train_subset - base.data.validation == 5000  # 500 images a client on IID
@@ -48,6 +50,17 @@ def test_full_grids_have_the_issue_shape():
   assert (c.fedbif.bits, c.fedbif.active_bits, c.fedbif.bit_lr_scale, c.lr) == (8, 2, 4.0, 0.2)
   # 100 rounds at s = 1 of m = 8: at least 12 passes over the bits.
   assert c.rounds // (8 // 1) >= 12
+  # The matched m = 8 runs: under inverse_pow2, alpha = max|w| / 2^(m-1) is 2^4 = 16 times
+  # smaller at m = 8, so the tuned scale 4 becomes 64; under the paper's uniform step it stays 4.
+  matched = next(r for r in ablations if r.name.startswith("fedbif-2-8-matched"))
+  c = grid_lib.run_config(base, matched, tuned)
+  assert (c.fedbif.bits, c.fedbif.active_bits, c.fedbif.bit_lr_scale) == (8, 2, 4.0)
+  tuned_pow2 = _tuned(fedbif={"lr": 0.2, "fedbif.bit_lr_scale": 4.0,
+                              "fedbif.bit_step": "inverse_pow2"})
+  c = grid_lib.run_config(base, matched, tuned_pow2)
+  assert (c.fedbif.bits, c.fedbif.bit_lr_scale, c.lr) == (8, 64.0, 0.2)
+  plain = next(r for r in ablations if r.name.startswith("fedbif-1-8-dir"))
+  assert grid_lib.run_config(base, plain, tuned_pow2).fedbif.bit_lr_scale == 4.0
   with pytest.raises(ValueError, match="grid: must be one of"):
     grid_lib.grid_runs("tabel1")
 
