@@ -108,13 +108,14 @@ SIGNSGD_SERVER_LRS = (0.0003, 0.001, 0.003, 0.01)
 
 
 def matched_bit_lr_scale(config: ml_collections.ConfigDict) -> float:
-  """The ``bit_lr_scale`` at which a bit step moves its weight as far as in the tuned FedBiF-1/4.
+  """The ``bit_lr_scale`` at which a virtual bit steps as far as in the tuned FedBiF-1/4.
 
   A virtual bit i's straight-through gradient is alpha * 2^i * dL/dw with alpha = max|w| /
-  2^(m-1) (Eq. 5). With ``inverse_pow2`` its step moves the weight by scale * lr * alpha * dL/dw,
-  which at m = 8 is 2^(8-4) = 16 times less than at m = 4 for the same scale, so the scale grows
-  by 2^(m-4). With ``uniform`` (the paper's one step) the most significant bit moves the weight
-  by scale * lr * max|w| * dL/dw at every m, and the scale stays.
+  2^(m-1) (Eq. 5). With ``inverse_pow2`` its SGD step is scale * lr * alpha * dL/dw, which at
+  m = 8 is 2^(8-4) = 16 times smaller than at m = 4 for the same scale, while its initial
+  magnitude (Kaiming, by fan-in) does not depend on m: a bit needs 16 times the gradient to flip.
+  So the scale grows by 2^(m-4). With ``uniform`` (the paper's one step) the most significant
+  bit steps by scale * lr * max|w| * dL/dw at every m, and the scale stays.
   """
   f = config.fedbif
   return f.bit_lr_scale * (2.0 ** (f.bits - 4) if f.bit_step == "inverse_pow2" else 1.0)
@@ -122,9 +123,9 @@ def matched_bit_lr_scale(config: ml_collections.ConfigDict) -> float:
 
 # name -> overrides of the tuned FedBiF-1/4 (Fig. 3 and Fig. 4 of the paper). A callable value is
 # computed from the run's config after the tuned values and the plain overrides (`run_config`).
-# The "-matched" variants are ours: m = 8 at the tuned values moves each weight 16 times less per
-# bit step than m = 4 does under the tuned ``inverse_pow2`` rule (`matched_bit_lr_scale`), so
-# Fig. 3's m = 8 rows are run both ways.
+# The "-matched" variants are ours: under the tuned ``inverse_pow2`` rule a virtual bit's step at
+# m = 8 is 16 times smaller than at m = 4 (`matched_bit_lr_scale`), so Fig. 3's m = 8 rows are
+# run both ways.
 ABLATIONS = {
     "fedbif-1-8": {"fedbif.bits": 8},
     "fedbif-2-4": {"fedbif.active_bits": 2},

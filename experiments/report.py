@@ -518,11 +518,12 @@ def ablation_section(table, abl, targets, rel, fig_dir) -> list[str]:
   lines = ["## Ablations on Dir(0.5) (Fig. 3, Fig. 4)", "",
            "Same setup and tuned values as Table 1; each variant changes one thing "
            "(`experiments/grid.py:ABLATIONS`). Columns as in Table 1 (target: Table 1's). With "
-           "the tuned per-bit rule (`inverse_pow2`) a bit step moves its weight by "
+           "the tuned per-bit rule (`inverse_pow2`) a virtual bit's SGD step is "
            "scale x lr x alpha x dL/dw, and alpha = max|w| / 2^(m-1) is 16 times smaller at "
-           "m = 8, so FedBiF-1/8 and 2/8 at the tuned values take 16 times smaller steps than "
-           "1/4; the rows \"bit step matched to 1/4\" scale `bit_lr_scale` by 16 "
-           "(`grid.matched_bit_lr_scale`), derived, not tuned.", "",
+           "m = 8 while the bits' initial magnitudes are not, so at the tuned values the bits "
+           "of FedBiF-1/8 and 2/8 need 16 times the gradient to flip; the rows \"bit step "
+           "matched to 1/4\" scale `bit_lr_scale` by 16 (`grid.matched_bit_lr_scale`), derived, "
+           "not tuned.", "",
            f"| variant | seeds | best acc | final acc | last-{LAST_EVALS} acc | up bpp | down bpp | "
            "total MB | rounds to target | MB to target | final sparsity (%) |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -782,7 +783,7 @@ def claims(table, abl, partitions, targets) -> list[str]:
                f"{_verdict(a['fedbif-2-8'] > a['fedbif-1-4'])}. Best accuracy (Dir(0.5), mean "
                f"over the {_n_seeds(seeds)} every one of them has): {fmt}.")
   # The same two comparisons with m = 8 at the bit step matched to the tuned 1/4
-  # (`grid.matched_bit_lr_scale`): the tuned per-bit rule moves a weight 16x less at m = 8.
+  # (`grid.matched_bit_lr_scale`): under the tuned per-bit rule a bit's step is 16x smaller at m = 8.
   matched = {"fedbif-1-4": bits["fedbif-1-4"],
              **{v: abl.get((v + "-matched", "dir0.5"), []) for v in ("fedbif-1-8", "fedbif-2-8")}}
   seeds, cut = _matched(*matched.values())
