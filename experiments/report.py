@@ -771,58 +771,61 @@ def claims(table, abl, partitions, targets) -> list[str]:
   if parts:
     out.append(f"- *FedBiF's global model has a smaller Lipschitz constant than FedAvg's* "
                f"(AutoLip upper bound, last round): {_verdict(ok_all)}. {'; '.join(parts)}.")
-  bits = {"fedbif-1-4": table.get(("fedbif", "dir0.5"), []),
-          **{v: abl.get((v, "dir0.5"), []) for v in ("fedbif-1-8", "fedbif-2-4", "fedbif-2-8")}}
-  seeds, cut = _matched(*bits.values())
-  if seeds:
-    a = {v: _mean(rs, "best_accuracy")[0] for v, rs in zip(bits, cut)}
-    fmt = ", ".join(f"{k.replace('fedbif-', '').replace('-', '/')} {100 * v:.1f}"
-                    for k, v in a.items())
-    out.append(f"- *Fig. 3: FedBiF-1/8 ends lower than 1/4*: "
-               f"{_verdict(a['fedbif-1-8'] < a['fedbif-1-4'])}; *FedBiF-2/8 ends above 1/4*: "
-               f"{_verdict(a['fedbif-2-8'] > a['fedbif-1-4'])}. Best accuracy (Dir(0.5), mean "
-               f"over the {_n_seeds(seeds)} every one of them has): {fmt}.")
-  # The same two comparisons with m = 8 at the bit step matched to the tuned 1/4
-  # (`grid.matched_bit_lr_scale`): under the tuned per-bit rule a bit's step is 16x smaller at m = 8.
-  matched = {"fedbif-1-4": bits["fedbif-1-4"],
-             **{v: abl.get((v + "-matched", "dir0.5"), []) for v in ("fedbif-1-8", "fedbif-2-8")}}
-  seeds, cut = _matched(*matched.values())
-  if seeds:
-    a = {v: _mean(rs, "best_accuracy")[0] for v, rs in zip(matched, cut)}
-    out.append(f"- *Fig. 3 with the bit step matched to 1/4 (ours)*: 1/8 lower than 1/4: "
-               f"{_verdict(a['fedbif-1-8'] < a['fedbif-1-4'])}; 2/8 above 1/4: "
-               f"{_verdict(a['fedbif-2-8'] > a['fedbif-1-4'])}. Best accuracy (Dir(0.5), mean "
-               f"over {_n_seeds(seeds)}): 1/4 {100 * a['fedbif-1-4']:.1f}, 1/8 "
-               f"{100 * a['fedbif-1-8']:.1f}, 2/8 {100 * a['fedbif-2-8']:.1f}.")
-  pct = lambda v: f"{100 * v:.1f}"
-  # Each claim over the seeds that every cell it reads has (`_matched`).
-  reads = {"no_vbi": ("fedbif", "fedavg"), "sign_bit": ("fedbif",),
-           "fixed_selector": ("fedavg", "signsgd"), "random_selector": ("fedbif",)}
-  for v, refs in reads.items():
-    seeds, cut = _matched(abl.get((v, "dir0.5"), []),
-                          *(table.get((k, "dir0.5"), []) for k in refs))
-    if not seeds:
-      continue
-    var, m = _mean(cut[0], "best_accuracy")[0], {
-        k: _mean(rs, "best_accuracy")[0] for k, rs in zip(refs, cut[1:])}
-    on = f" (best accuracy, Dir(0.5), mean over {_n_seeds(seeds)})"
-    if v == "no_vbi":
-      out.append(f"- *Without VBI accuracy is lower, but still reaches FedAvg's*: "
-                 f"{_verdict(m['fedbif'] > var >= m['fedavg'])}. without VBI {pct(var)}, "
-                 f"FedBiF {pct(m['fedbif'])}, FedAvg {pct(m['fedavg'])}{on}.")
-    elif v == "sign_bit":
-      out.append(f"- *With a sign bit FedBiF fails to train a usable model*: "
-                 f"{_verdict(var < 0.5 * m['fedbif'])} (read as: below half of FedBiF's "
-                 f"accuracy). with sign bit {pct(var)}, FedBiF {pct(m['fedbif'])}{on}.")
-    elif v == "fixed_selector":
-      out.append(f"- *The fixed selector is worse than FedAvg but better than SignSGD*: "
-                 f"{_verdict(m['signsgd'] < var < m['fedavg'])}. fixed {pct(var)}, FedAvg "
-                 f"{pct(m['fedavg'])}, SignSGD {pct(m['signsgd'])}{on}.")
-    else:
-      out.append(f"- *The random selector is comparable to the sequential one* (within 2 "
-                 f"points): {_verdict(abs(var - m['fedbif']) <= 0.02)}. random {pct(var)}, "
-                 f"sequential {pct(m['fedbif'])}{on}.")
+  # The ablations (Fig. 3, Fig. 4), each judged on the best and on the final accuracy over the
+  # seeds every cell it reads has: (claim, reading, cells, test, the cells' labels in the text).
+  d05 = lambda grid, v: (table if grid == "table" else abl).get((v, "dir0.5"), [])
+  fedbif, fedavg, signsgd = d05("table", "fedbif"), d05("table", "fedavg"), d05("table", "signsgd")
+  ablation_claims = [
+      ("Fig. 3: FedBiF-1/8 ends lower than 1/4", "",
+       {"1/8": d05("abl", "fedbif-1-8"), "1/4": fedbif}, lambda a: a["1/8"] < a["1/4"]),
+      ("Fig. 3: FedBiF-2/8 ends above 1/4", "",
+       {"2/8": d05("abl", "fedbif-2-8"), "1/4": fedbif}, lambda a: a["2/8"] > a["1/4"]),
+      ("Fig. 3 with the bit step matched to 1/4 (ours): FedBiF-1/8 ends lower than 1/4", "",
+       {"1/8 matched": d05("abl", "fedbif-1-8-matched"), "1/4": fedbif},
+       lambda a: a["1/8 matched"] < a["1/4"]),
+      ("Fig. 3 with the bit step matched to 1/4 (ours): FedBiF-2/8 ends above 1/4", "",
+       {"2/8 matched": d05("abl", "fedbif-2-8-matched"), "1/4": fedbif},
+       lambda a: a["2/8 matched"] > a["1/4"]),
+      ("Without VBI accuracy is lower, but still reaches FedAvg's", "",
+       {"without VBI": d05("abl", "no_vbi"), "FedBiF": fedbif, "FedAvg": fedavg},
+       lambda a: a["FedBiF"] > a["without VBI"] >= a["FedAvg"]),
+      ("With a sign bit FedBiF fails to train a usable model",
+       " (read as: below half of FedBiF's accuracy)",
+       {"with sign bit": d05("abl", "sign_bit"), "FedBiF": fedbif},
+       lambda a: a["with sign bit"] < 0.5 * a["FedBiF"]),
+      ("The fixed selector is worse than FedAvg but better than SignSGD", "",
+       {"fixed": d05("abl", "fixed_selector"), "FedAvg": fedavg, "SignSGD": signsgd},
+       lambda a: a["SignSGD"] < a["fixed"] < a["FedAvg"]),
+      ("The random selector is comparable to the sequential one", " (read as: within 2 points)",
+       {"random": d05("abl", "random_selector"), "sequential": fedbif},
+       lambda a: abs(a["random"] - a["sequential"]) <= 0.02),
+  ]
+  for claim, reading, cells, test in ablation_claims:
+    line = _judged_on_best_and_final(claim, reading, cells, test)
+    if line:
+      out.append(line)
   return out
+
+
+def _judged_on_best_and_final(claim: str, reading: str, cells: dict, test) -> str | None:
+  """A claim over labelled cells of runs, judged by `test` ({label: mean accuracy} -> bool) on
+  the best and on the final accuracy, each a mean over the seeds every cell has (`_matched`);
+  None when they share no seed."""
+  seeds, cut = _matched(*cells.values())
+  if not seeds:
+    return None
+  verdicts, numbers = {}, []
+  for key in ("best_accuracy", "final_accuracy"):
+    means = {label: _mean(rs, key)[0] for label, rs in zip(cells, cut)}
+    which = key.split("_")[0]
+    verdicts[which] = test(means)
+    numbers.append(f"{which}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in means.items()))
+  said = (f"{_verdict(verdicts['best'])} on the best and the final accuracy"
+          if verdicts["best"] == verdicts["final"] else
+          f"{_verdict(verdicts['best'])} on the best accuracy, {_verdict(verdicts['final'])} on "
+          "the final")
+  return (f"- *{claim}*: {said}{reading}. " + "; ".join(numbers)
+          + f" (Dir(0.5), mean over {_n_seeds(seeds)}).")
 
 
 def coverage(runs: dict, smoke: bool) -> list[str]:

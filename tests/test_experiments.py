@@ -199,8 +199,9 @@ def test_ablation_claims_compare_on_the_seeds_the_ablation_has(tmp_path):
   out = tmp_path / "R.md"
   report_lib.write_report(str(tmp_path), str(out), str(tmp_path / "none.json"))
   text = out.read_text()
-  assert ("*Without VBI accuracy is lower, but still reaches FedAvg's*: **holds**. without VBI "
-          "45.0, FedBiF 50.0, FedAvg 40.0 (best accuracy, Dir(0.5), mean over 1 seed (0)).") in text
+  assert ("*Without VBI accuracy is lower, but still reaches FedAvg's*: **holds** on the best and "
+          "the final accuracy. best: without VBI 45.0, FedBiF 50.0, FedAvg 40.0; final: without "
+          "VBI 45.0, FedBiF 50.0, FedAvg 40.0 (Dir(0.5), mean over 1 seed (0)).") in text
   assert "| without VBI | 1 | 45.0 | 45.0 | 45.0 | 1.000 | 4.000 | 1.0 | 1 (1/1) | 1.0 | 0.0 |" in text
   assert ("- without VBI, Dir(0.5): one seed so far, no verdict: best -5.0; final "
           "-5.0 points against default FedBiF-1/4 of the same seed.") in text
@@ -215,8 +216,21 @@ def test_ablation_claims_read_only_seeds_every_cell_has():
            ("signsgd", "dir0.5"): [_paired_run(s, [0.3]) for s in range(2)]}
   found = [c for c in report_lib.claims(table, abl, ["dir0.5"], {}) if "fixed selector" in c]
   assert found == ["- *The fixed selector is worse than FedAvg but better than SignSGD*: "
-                   "**holds**. fixed 35.0, FedAvg 60.0, SignSGD 30.0 (best accuracy, Dir(0.5), "
-                   "mean over 2 seeds (0, 1))."]
+                   "**holds** on the best and the final accuracy. best: fixed 35.0, FedAvg 60.0, "
+                   "SignSGD 30.0; final: fixed 35.0, FedAvg 60.0, SignSGD 30.0 (Dir(0.5), mean "
+                   "over 2 seeds (0, 1))."]
+
+
+def test_ablation_claim_says_when_best_and_final_disagree():
+  """With a sign bit: best 0.31 at round 1, then chance (0.10); FedBiF 0.50. Half of FedBiF is
+  25.0: the best (31.0) is above it, the final (10.0) below."""
+  abl = {("sign_bit", "dir0.5"): [_paired_run(0, [0.2, 0.31, 0.10])]}
+  table = {("fedbif", "dir0.5"): [_paired_run(0, [0.4, 0.5])]}
+  found = [c for c in report_lib.claims(table, abl, ["dir0.5"], {}) if "sign bit" in c]
+  assert found == ["- *With a sign bit FedBiF fails to train a usable model*: **does not hold** "
+                   "on the best accuracy, **holds** on the final (read as: below half of FedBiF's "
+                   "accuracy). best: with sign bit 31.0, FedBiF 50.0; final: with sign bit 10.0, "
+                   "FedBiF 50.0 (Dir(0.5), mean over 1 seed (0))."]
 
 
 def test_grid_cli_lists_and_rejects_bad_flags(tmp_path):
