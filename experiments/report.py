@@ -809,17 +809,17 @@ def claims(table, abl, partitions, targets) -> list[str]:
 
 def _judged_on_best_and_final(claim: str, reading: str, cells: dict, test) -> str | None:
   """A claim over labelled cells of runs, judged by `test` ({label: mean accuracy} -> bool) on
-  the best and on the final accuracy, each a mean over the seeds every cell has (`_matched`);
-  None when they share no seed."""
+  the best and on the final accuracy, each a mean over the seeds every cell has (`_matched`),
+  shown with its sample std when there are several seeds; None when they share no seed."""
   seeds, cut = _matched(*cells.values())
   if not seeds:
     return None
   verdicts, numbers = {}, []
   for key in ("best_accuracy", "final_accuracy"):
-    means = {label: _mean(rs, key)[0] for label, rs in zip(cells, cut)}
+    stats = {label: _mean(rs, key) for label, rs in zip(cells, cut)}
     which = key.split("_")[0]
-    verdicts[which] = test(means)
-    numbers.append(f"{which}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in means.items()))
+    verdicts[which] = test({label: stat[0] for label, stat in stats.items()})
+    numbers.append(f"{which}: " + ", ".join(f"{k} {_pct(*stat)}" for k, stat in stats.items()))
   said = (f"{_verdict(verdicts['best'])} on the best and the final accuracy"
           if verdicts["best"] == verdicts["final"] else
           f"{_verdict(verdicts['best'])} on the best accuracy, {_verdict(verdicts['final'])} on "

@@ -216,9 +216,9 @@ def test_ablation_claims_read_only_seeds_every_cell_has():
            ("signsgd", "dir0.5"): [_paired_run(s, [0.3]) for s in range(2)]}
   found = [c for c in report_lib.claims(table, abl, ["dir0.5"], {}) if "fixed selector" in c]
   assert found == ["- *The fixed selector is worse than FedAvg but better than SignSGD*: "
-                   "**holds** on the best and the final accuracy. best: fixed 35.0, FedAvg 60.0, "
-                   "SignSGD 30.0; final: fixed 35.0, FedAvg 60.0, SignSGD 30.0 (Dir(0.5), mean "
-                   "over 2 seeds (0, 1))."]
+                   "**holds** on the best and the final accuracy. best: fixed 35.0 ± 0.0, FedAvg "
+                   "60.0 ± 0.0, SignSGD 30.0 ± 0.0; final: fixed 35.0 ± 0.0, FedAvg 60.0 ± 0.0, "
+                   "SignSGD 30.0 ± 0.0 (Dir(0.5), mean over 2 seeds (0, 1))."]
 
 
 def test_ablation_claim_says_when_best_and_final_disagree():
