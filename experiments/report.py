@@ -618,8 +618,12 @@ def _on_seeds(runs, seeds) -> list[dict]:
   return [r for r in runs if r["seed"] in seeds]
 
 
+def _seed_list(seeds) -> str:
+  return ", ".join(map(str, sorted(seeds)))
+
+
 def _n_seeds(seeds) -> str:
-  return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, sorted(seeds)))})"
+  return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({_seed_list(seeds)})"
 
 
 def bytes_claim(table, p, target) -> str:
@@ -667,7 +671,7 @@ def _seed_note(seeds, *cells) -> str:
   """'seeds 0, 1' when `seeds` leaves out a finished seed of one of `cells`; '' otherwise."""
   if all(_seeds(rs) <= seeds for rs in cells):
     return ""
-  return f"seeds {', '.join(map(str, sorted(seeds)))}"
+  return f"seeds {_seed_list(seeds)}"
 
 
 def _gaps_to_fedbif(table, p, stat):
@@ -772,32 +776,32 @@ def claims(table, abl, partitions, targets) -> list[str]:
     out.append(f"- *FedBiF's global model has a smaller Lipschitz constant than FedAvg's* "
                f"(AutoLip upper bound, last round): {_verdict(ok_all)}. {'; '.join(parts)}.")
   # The ablations (Fig. 3, Fig. 4), each judged on the best and on the final accuracy over the
-  # seeds every cell it reads has: (claim, reading, cells, test, the cells' labels in the text).
-  d05 = lambda grid, v: (table if grid == "table" else abl).get((v, "dir0.5"), [])
-  fedbif, fedavg, signsgd = d05("table", "fedbif"), d05("table", "fedavg"), d05("table", "signsgd")
+  # seeds every cell it reads has: (claim, reading, {label in the text: runs}, test).
+  ablation = lambda v: abl.get((v, "dir0.5"), [])
+  fedbif, fedavg, signsgd = (table.get((v, "dir0.5"), []) for v in ("fedbif", "fedavg", "signsgd"))
   ablation_claims = [
       ("Fig. 3: FedBiF-1/8 ends lower than 1/4", "",
-       {"1/8": d05("abl", "fedbif-1-8"), "1/4": fedbif}, lambda a: a["1/8"] < a["1/4"]),
+       {"1/8": ablation("fedbif-1-8"), "1/4": fedbif}, lambda a: a["1/8"] < a["1/4"]),
       ("Fig. 3: FedBiF-2/8 ends above 1/4", "",
-       {"2/8": d05("abl", "fedbif-2-8"), "1/4": fedbif}, lambda a: a["2/8"] > a["1/4"]),
+       {"2/8": ablation("fedbif-2-8"), "1/4": fedbif}, lambda a: a["2/8"] > a["1/4"]),
       ("Fig. 3 with the bit step matched to 1/4 (ours): FedBiF-1/8 ends lower than 1/4", "",
-       {"1/8 matched": d05("abl", "fedbif-1-8-matched"), "1/4": fedbif},
+       {"1/8 matched": ablation("fedbif-1-8-matched"), "1/4": fedbif},
        lambda a: a["1/8 matched"] < a["1/4"]),
       ("Fig. 3 with the bit step matched to 1/4 (ours): FedBiF-2/8 ends above 1/4", "",
-       {"2/8 matched": d05("abl", "fedbif-2-8-matched"), "1/4": fedbif},
+       {"2/8 matched": ablation("fedbif-2-8-matched"), "1/4": fedbif},
        lambda a: a["2/8 matched"] > a["1/4"]),
       ("Without VBI accuracy is lower, but still reaches FedAvg's", "",
-       {"without VBI": d05("abl", "no_vbi"), "FedBiF": fedbif, "FedAvg": fedavg},
+       {"without VBI": ablation("no_vbi"), "FedBiF": fedbif, "FedAvg": fedavg},
        lambda a: a["FedBiF"] > a["without VBI"] >= a["FedAvg"]),
       ("With a sign bit FedBiF fails to train a usable model",
        " (read as: below half of FedBiF's accuracy)",
-       {"with sign bit": d05("abl", "sign_bit"), "FedBiF": fedbif},
+       {"with sign bit": ablation("sign_bit"), "FedBiF": fedbif},
        lambda a: a["with sign bit"] < 0.5 * a["FedBiF"]),
       ("The fixed selector is worse than FedAvg but better than SignSGD", "",
-       {"fixed": d05("abl", "fixed_selector"), "FedAvg": fedavg, "SignSGD": signsgd},
+       {"fixed": ablation("fixed_selector"), "FedAvg": fedavg, "SignSGD": signsgd},
        lambda a: a["SignSGD"] < a["fixed"] < a["FedAvg"]),
       ("The random selector is comparable to the sequential one", " (read as: within 2 points)",
-       {"random": d05("abl", "random_selector"), "sequential": fedbif},
+       {"random": ablation("random_selector"), "sequential": fedbif},
        lambda a: abs(a["random"] - a["sequential"]) <= 0.02),
   ]
   for claim, reading, cells, test in ablation_claims:
