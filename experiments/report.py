@@ -512,18 +512,39 @@ def properties_section(table, abl, partitions, rel, fig_dir) -> list[str]:
   return lines
 
 
+def _bit_step_note(reference, abl) -> str:
+  """The sentence on the virtual bits' step at m = 8, read from the runs' own configs: the
+  reference FedBiF-1/4's ``bit_step`` and ``bit_lr_scale``, and the factor by which the
+  "-matched" rows' scale differs (`grid.matched_bit_lr_scale`). Empty when no config says."""
+  ref = next((r["config"]["fedbif"] for r in reference if r.get("config")), None)
+  matched = next((r["config"]["fedbif"] for v in ("fedbif-1-8-matched", "fedbif-2-8-matched")
+                  for r in abl.get((v, "dir0.5"), []) if r.get("config")), None)
+  if ref is None:
+    return ""
+  rule, scale, m = ref["bit_step"], ref["bit_lr_scale"], ref["bits"]
+  if rule != "inverse_pow2":
+    return (f" The tuned per-bit rule is `{rule}` (`bit_lr_scale` {scale:g}): the most "
+            "significant bit steps by scale x lr x max|w| x dL/dw at every m, so the m = 8 rows "
+            "keep the tuned scale.")
+  text = (f" With the tuned per-bit rule (`{rule}`, `bit_lr_scale` {scale:g} at m = {m}) a "
+          "virtual bit's SGD step is scale x lr x alpha x dL/dw, and alpha = max|w| / 2^(m-1) "
+          f"is {2 ** (8 - m):g} times smaller at m = 8 while the bits' initial magnitudes are "
+          f"not, so at the tuned values the bits of FedBiF-1/8 and 2/8 need {2 ** (8 - m):g} "
+          "times the gradient to flip.")
+  if matched is not None:
+    text += (f" The rows \"bit step matched to 1/4\" run at `bit_lr_scale` "
+             f"{matched['bit_lr_scale']:g} ({matched['bit_lr_scale'] / scale:g} x the tuned "
+             "scale, `grid.matched_bit_lr_scale`), derived, not tuned.")
+  return text
+
+
 def ablation_section(table, abl, targets, rel, fig_dir) -> list[str]:
   """The ablations on Dir(0.5) in Table 1's columns plus the final sparsity, each variant against
   FedBiF-1/4 paired by seed (`paired_verdict`), and Fig. 3 / Fig. 4's curves."""
   lines = ["## Ablations on Dir(0.5) (Fig. 3, Fig. 4)", "",
            "Same setup and tuned values as Table 1; each variant changes one thing "
-           "(`experiments/grid.py:ABLATIONS`). Columns as in Table 1 (target: Table 1's). With "
-           "the tuned per-bit rule (`inverse_pow2`) a virtual bit's SGD step is "
-           "scale x lr x alpha x dL/dw, and alpha = max|w| / 2^(m-1) is 16 times smaller at "
-           "m = 8 while the bits' initial magnitudes are not, so at the tuned values the bits "
-           "of FedBiF-1/8 and 2/8 need 16 times the gradient to flip; the rows \"bit step "
-           "matched to 1/4\" scale `bit_lr_scale` by 16 (`grid.matched_bit_lr_scale`), derived, "
-           "not tuned.", "",
+           "(`experiments/grid.py:ABLATIONS`). Columns as in Table 1 (target: Table 1's)."
+           + _bit_step_note(table.get(("fedbif", "dir0.5"), []), abl), "",
            f"| variant | seeds | best acc | final acc | last-{LAST_EVALS} acc | up bpp | down bpp | "
            "total MB | rounds to target | MB to target | final sparsity (%) |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -233,6 +233,27 @@ def test_ablation_claim_says_when_best_and_final_disagree():
                    "FedBiF 50.0 (Dir(0.5), mean over 1 seed (0))."]
 
 
+def test_ablation_text_reads_the_bit_step_from_the_runs_configs():
+  """The sentence on the m = 8 step follows the runs' configs, not a hard-coded rule: reference
+  at inverse_pow2, scale 4, m = 4 and a matched run at scale 64 give "16 times" and "16 x";
+  reference at m = 5 gives 2^3 = 8; under uniform the m = 8 rows keep the tuned scale."""
+  def cfg_run(**fedbif):
+    return {"config": {"fedbif": fedbif}}
+  ref = [cfg_run(bit_step="inverse_pow2", bit_lr_scale=4.0, bits=4)]
+  abl = {("fedbif-2-8-matched", "dir0.5"): [cfg_run(bit_step="inverse_pow2", bit_lr_scale=64.0,
+                                                    bits=8)]}
+  text = report_lib._bit_step_note(ref, abl)
+  assert "(`inverse_pow2`, `bit_lr_scale` 4 at m = 4)" in text
+  assert "is 16 times smaller at m = 8" in text and "need 16 times the gradient" in text
+  assert "run at `bit_lr_scale` 64 (16 x the tuned scale" in text
+  assert "matched" not in report_lib._bit_step_note(ref, {})
+  ref5 = [cfg_run(bit_step="inverse_pow2", bit_lr_scale=2.0, bits=5)]
+  assert "is 8 times smaller at m = 8" in report_lib._bit_step_note(ref5, {})
+  uniform = report_lib._bit_step_note([cfg_run(bit_step="uniform", bit_lr_scale=1.0, bits=4)], abl)
+  assert "`uniform`" in uniform and "keep the tuned scale" in uniform and "16" not in uniform
+  assert report_lib._bit_step_note([{"config": None}], abl) == ""
+
+
 def test_grid_cli_lists_and_rejects_bad_flags(tmp_path):
   run = lambda *a: subprocess.run([sys.executable, "-m", "experiments.grid", *a], cwd=REPO,
                                   capture_output=True, text=True, timeout=120)
