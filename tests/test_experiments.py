@@ -356,10 +356,10 @@ def test_planes_section_counts_rounds_and_averages_flip_rates_by_hand():
   assert report_lib.planes_section([("W", "IID", [_paired_run(0, [0.5])])]) == []
 
 
-def _bytes_run(curve: list[float], mb_per_round: float) -> dict:
+def _bytes_run(curve: list[float], mb_per_round: float, seed: int = 0) -> dict:
   rows = [{"round": t, "test_accuracy": a, "cumulative_bytes": 1e6 * mb_per_round * (t + 1)}
           for t, a in enumerate(curve)]
-  return {"config": {"seed": 0}, "metrics": rows, "failed": None,
+  return {"config": {"seed": seed}, "seed": seed, "metrics": rows, "failed": None,
           "summary": {"best_accuracy": max(curve), "final_accuracy": curve[-1]}}
 
 
@@ -379,3 +379,19 @@ def test_bytes_claim_weighs_fedbif_against_every_method_by_hand():
   table[("fedbif", "iid")] = [_bytes_run([0.3, 0.4, 0.45], 1.0)]
   assert ("**does not hold**. FedBiF never reaches the target (0/1 seeds); MB to target: FedAvg"
           in report_lib.bytes_claim(table, "iid", 0.5))
+
+
+def test_bytes_claim_compares_each_method_on_the_seeds_it_shares_with_fedbif():
+  """Target 0.5. FedBiF seed 0 reaches it at round 3 (3 MB), seed 1 at round 1 (1 MB): 2.0 over
+  both. FedAvg has seed 1 only, at round 1 with 1.5 MB per round (1.5 MB). Over FedBiF's own
+  seeds 2.0 > 1.5 would fail the claim; on seed 1, 1.0 < 1.5, it holds. A method with no seed
+  in common counts against the claim."""
+  fedbif = [_bytes_run([0.3, 0.4, 0.5], 1.0, seed=0), _bytes_run([0.5, 0.6, 0.6], 1.0, seed=1)]
+  table = {("fedbif", "iid"): fedbif, ("fedavg", "iid"): [_bytes_run([0.5, 0.6], 1.5, seed=1)]}
+  line = report_lib.bytes_claim(table, "iid", 0.5)
+  assert line.endswith("**holds**. MB to target: FedBiF 2.0 (2/2 seeds, round 2); FedAvg 1.5 "
+                       "(1/1 seeds, round 1) [seeds 1, where FedBiF 1.0 (1/1 seeds)].")
+  table[("fedpaq", "iid")] = [_bytes_run([0.1, 0.2], 2.0, seed=5)]
+  line = report_lib.bytes_claim(table, "iid", 0.5)
+  assert "**does not hold** (holds against FedAvg; not against FedPAQ)" in line
+  assert line.endswith("; FedPAQ: no seed in common.")
