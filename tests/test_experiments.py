@@ -371,7 +371,8 @@ def test_bytes_claim_weighs_fedbif_against_every_method_by_hand():
            ("signsgd", "iid"): [_bytes_run([0.4, 0.55, 0.6], 0.5)],
            ("fedpaq", "iid"): [_bytes_run([0.1, 0.2, 0.3], 2.0)]}
   line = report_lib.bytes_claim(table, "iid", 0.5)
-  assert "**does not hold** (holds against FedAvg, FedPAQ; not against SignSGD)" in line
+  assert ("**does not hold** (holds against FedAvg, FedPAQ; not against SignSGD: FedBiF needs "
+          "more MB)") in line
   assert ("MB to target: FedBiF 3.0 (1/1 seeds, round 3); FedAvg 10.0 (1/1 seeds, round 1); "
           "SignSGD 1.0 (1/1 seeds, round 2); FedPAQ never (0/1 seeds).") in line
   del table[("signsgd", "iid")]
@@ -393,5 +394,20 @@ def test_bytes_claim_compares_each_method_on_the_seeds_it_shares_with_fedbif():
                        "(1/1 seeds, round 1) [seeds 1, where FedBiF 1.0 (1/1 seeds)].")
   table[("fedpaq", "iid")] = [_bytes_run([0.1, 0.2], 2.0, seed=5)]
   line = report_lib.bytes_claim(table, "iid", 0.5)
-  assert "**does not hold** (holds against FedAvg; not against FedPAQ)" in line
+  assert "**does not hold** (holds against FedAvg; not against FedPAQ: no seed in common)" in line
   assert line.endswith("; FedPAQ: no seed in common.")
+
+
+def test_bytes_claim_needs_fedbif_to_reach_the_target_on_as_many_seeds():
+  """Target 0.5. FedBiF reaches it on seed 0 only (round 1, 1 MB), FedAvg on seeds 0 and 1
+  (round 1, 10 MB): fewer MB where it reaches it, but FedBiF misses seed 1, so it is not ahead.
+  SignSGD never reaches it: FedBiF, reaching it once, is ahead."""
+  table = {("fedbif", "iid"): [_bytes_run([0.5, 0.5], 1.0, seed=0),
+                               _bytes_run([0.3, 0.4], 1.0, seed=1)],
+           ("fedavg", "iid"): [_bytes_run([0.6, 0.6], 10.0, seed=s) for s in (0, 1)],
+           ("signsgd", "iid"): [_bytes_run([0.2, 0.3], 0.1, seed=s) for s in (0, 1)]}
+  line = report_lib.bytes_claim(table, "iid", 0.5)
+  assert ("**does not hold** (holds against SignSGD; not against FedAvg: FedBiF reaches it on "
+          "fewer seeds)") in line
+  assert ("MB to target: FedBiF 1.0 (1/2 seeds, round 1); FedAvg 10.0 (2/2 seeds, round 1); "
+          "SignSGD never (0/2 seeds).") in line
