@@ -364,7 +364,7 @@ def beyond_section(table, beyond, targets) -> list[str]:
         continue
       if rs:
         verdicts.append(paired_verdict(LABELS[v], PARTITION_LABELS[p], rs, reference))
-  return lines + verdicts + ([""] if verdicts else [])
+  return lines + verdicts + (["", PAIRED_RULE, ""] if verdicts else [])
 
 
 def _seed_pairs(runs, reference) -> list[tuple[dict, dict]]:
@@ -373,12 +373,18 @@ def _seed_pairs(runs, reference) -> list[tuple[dict, dict]]:
   return [(r, by_seed[r["seed"]]) for r in runs if r["summary"] and r["seed"] in by_seed]
 
 
+PAIRED_RULE = ("Paired verdicts: **better**/**worse** when the per-seed gaps all have one sign "
+               "and their mean is at least twice their std; a rule of thumb, not a significance "
+               "test (with 2 seeds it marks a lead).")
+
+
 def paired_verdict(label, partition, runs, reference) -> str:
   """A variant against default FedBiF-1/4 seed by seed (each pair shares its data partition and
   initial model, so the difference is the variant's): identical when every evaluated accuracy
   of every pair is equal; with one pair, its gap and no verdict; with more, the mean gap ± the
-  std of the per-seed gaps, "better"/"worse" only when the mean gap is at least twice that std
-  and has the same sign in every seed."""
+  std of the per-seed gaps, on the best and on the final accuracy, each "better"/"worse" only
+  when its mean gap is at least twice that std and has the same sign in every seed (a rule of
+  thumb, not a significance test: with 2 seeds it marks a lead)."""
   pairs = _seed_pairs(runs, reference)
   if not pairs:
     return f"- {label}, {partition}: no default FedBiF-1/4 run of the same seed to compare with yet."
@@ -395,12 +401,15 @@ def paired_verdict(label, partition, runs, reference) -> str:
   if len(pairs) == 1:
     return (f"- {label}, {partition}: one seed so far, no verdict: {shown} points against "
             "default FedBiF-1/4 of the same seed.")
-  best = gaps["best_accuracy"]
-  mean, std = float(np.mean(best)), float(np.std(best, ddof=1))
-  one_sign = all(g > 0 for g in best) or all(g < 0 for g in best)
-  word = (("**better**" if mean > 0 else "**worse**") if one_sign and abs(mean) >= 2 * std
-          else "**no better (within noise)**")
-  return (f"- {label}, {partition}: {word}: {shown} points against default FedBiF-1/4, "
+  def word(g):
+    mean, std = float(np.mean(g)), float(np.std(g, ddof=1))
+    one_sign = all(x > 0 for x in g) or all(x < 0 for x in g)
+    return ("better" if mean > 0 else "worse") if one_sign and abs(mean) >= 2 * std else "within noise"
+
+  on_best, on_final = word(gaps["best_accuracy"]), word(gaps["final_accuracy"])
+  said = (f"**{on_best}** on best and final" if on_best == on_final
+          else f"**{on_best}** on best, **{on_final}** on final")
+  return (f"- {label}, {partition}: {said}: {shown} points against default FedBiF-1/4, "
           f"paired over {len(pairs)} seeds (mean ± std of the per-seed gaps).")
 
 
@@ -558,7 +567,7 @@ def ablation_section(table, abl, targets, rel, fig_dir) -> list[str]:
                  + (f"{100 * sparsity:.1f} |" if sparsity is not None else "- |"))
     if v != "fedbif":
       verdicts.append(paired_verdict(LABELS[v], PARTITION_LABELS["dir0.5"], rs, reference))
-  lines += [""] + verdicts if verdicts else []
+  lines += [""] + verdicts + ["", PAIRED_RULE] if verdicts else []
   fig3 = [("FedBiF-1/4", table.get(("fedbif", "dir0.5"), []))] + [
       (LABELS[v], abl.get((v, "dir0.5"), []))
       for v in ("fedbif-1-8", "fedbif-2-4", "fedbif-2-8", "fedbif-1-8-matched", "fedbif-2-8-matched")]

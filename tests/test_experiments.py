@@ -288,10 +288,14 @@ def test_paired_verdict_compares_seed_by_seed():
           in verdict([_paired_run(1, [0.52, 0.51])]))
   # Gaps +2, +3, +4 (mean 3, std 1): consistent and >= 2 std.
   better = verdict([_paired_run(s, [0.40, 0.52 + 0.01 * s]) for s in range(3)])
-  assert "**better**" in better and "best +3.0 ± 1.0" in better and "over 3 seeds" in better
+  assert "**better** on best and final" in better and "best +3.0 ± 1.0" in better
+  assert "over 3 seeds" in better
   # Gaps -1, +1, -3 (mean -1, std 2): signs differ, so within noise.
   mixed = verdict([_paired_run(s, [0.40, 0.50 + g]) for s, g in enumerate((-0.01, 0.01, -0.03))])
-  assert "**no better (within noise)**" in mixed and "best -1.0 ± 2.0" in mixed
+  assert "**within noise** on best and final" in mixed and "best -1.0 ± 2.0" in mixed
+  # Best gaps +2, +3 (better), final gaps -2, +1 (signs differ): judged apart.
+  split = verdict([_paired_run(s, [0.40, 0.52 + 0.01 * s, f]) for s, f in ((0, 0.48), (1, 0.51))])
+  assert "**better** on best, **within noise** on final: best +2.5 ± 0.7; final -0.5 ± 2.1" in split
   # A variant seed with no default run of the same seed is left out.
   assert "no default FedBiF-1/4 run of the same seed" in verdict([_paired_run(7, [0.9])])
 
