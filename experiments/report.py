@@ -342,7 +342,7 @@ def beyond_section(table, beyond, targets) -> list[str]:
   lines = ["## Beyond the paper: its open directions against default FedBiF-1/4", "",
            "Same setup and tuned values as Table 1; each variant changes one thing "
            "(`experiments/grid.py:BEYOND`). Columns as in Table 1 (target: Table 1's).", ""]
-  verdicts = []
+  verdicts, paired = [], False
   for p in ("iid", "dir0.5"):
     rows = [(v, beyond.get((v, p), [])) for v in BEYOND]
     if not any(rs for _, rs in rows):
@@ -364,7 +364,8 @@ def beyond_section(table, beyond, targets) -> list[str]:
         continue
       if rs:
         verdicts.append(paired_verdict(LABELS[v], PARTITION_LABELS[p], rs, reference))
-  return lines + verdicts + (["", PAIRED_RULE, ""] if verdicts else [])
+        paired = True
+  return lines + verdicts + ([""] if verdicts else []) + ([PAIRED_RULE, ""] if paired else [])
 
 
 def _seed_pairs(runs, reference) -> list[tuple[dict, dict]]:
@@ -374,8 +375,8 @@ def _seed_pairs(runs, reference) -> list[tuple[dict, dict]]:
 
 
 PAIRED_RULE = ("Paired verdicts: **better**/**worse** when the per-seed gaps all have one sign "
-               "and their mean is at least twice their std; a rule of thumb, not a significance "
-               "test (with 2 seeds it marks a lead).")
+               "and their mean is at least twice their std, **within noise** otherwise; a rule "
+               "of thumb, not a significance test (with 2 seeds it marks a lead).")
 
 
 def paired_verdict(label, partition, runs, reference) -> str:
@@ -534,7 +535,8 @@ def _bit_step_note(reference, abl) -> str:
   if rule != "inverse_pow2":
     return (f" The tuned per-bit rule is `{rule}` (`bit_lr_scale` {scale:g}): the most "
             "significant bit steps by scale x lr x max|w| x dL/dw at every m, so the m = 8 rows "
-            "keep the tuned scale.")
+            "keep the tuned scale" + (" (the rows \"bit step matched to 1/4\" run at "
+                                      f"{matched['bit_lr_scale']:g})." if matched else "."))
   text = (f" With the tuned per-bit rule (`{rule}`, `bit_lr_scale` {scale:g} at m = {m}) a "
           "virtual bit's SGD step is scale x lr x alpha x dL/dw, and alpha = max|w| / 2^(m-1) "
           f"is {2 ** (8 - m):g} times smaller at m = 8 while the bits' initial magnitudes are "
@@ -656,45 +658,81 @@ def _n_seeds(seeds) -> str:
   return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({_seed_list(seeds)})"
 
 
+def _reach_by_seed(runs, target) -> dict:
+  """{seed: (round, MB) at which the run first reaches `target`, or None} over the finished and
+  the diverged runs (a diverged run reaches it only if it did before diverging)."""
+  return {r["seed"]: reach(r, target) for r in runs if r["summary"] or r["failed"]}
+
+
+def _reach_stat(reached: dict):
+  """(mean MB, mean round) over the seeds of `reached` that reach the target (None, None if
+  none), the number that do, and the number of seeds."""
+  hits = [h for h in reached.values() if h]
+  if not hits:
+    return None, None, 0, len(reached)
+  return (float(np.mean([h[1] for h in hits])), float(np.mean([h[0] for h in hits])),
+          len(hits), len(reached))
+
+
+def _reach_cell(reached: dict, runs) -> str:
+  mb, rnd, hit, n = _reach_stat(reached)
+  failed = sum(1 for r in runs if r["failed"] and r["seed"] in reached)
+  diverged = f", {failed} diverged" if failed else ""
+  return (f"{mb:.1f} ({hit}/{n} seeds{diverged}, round {rnd:.0f})" if hit
+          else f"never (0/{n} seeds{diverged})")
+
+
 def bytes_claim(table, p, target) -> str:
   """FedBiF's MB to `target` against FedAvg's and every baseline's on partition `p`, each pair
-  over the seeds both have finished (`_matched`): holds when FedBiF is ahead of every other
-  method, i.e. reaches the target on at least as many of their shared seeds and, where the other
-  reaches it too, with fewer MB (mean over the seeds that reach it; a method that never does
-  counts for FedBiF if FedBiF does, one that shares no seed with FedBiF counts against the
-  claim). The line names the methods it holds and fails against, and FedBiF's MB on the pair's
-  seeds where they leave one of its seeds out."""
+  over the seeds both have run (a diverged run counts, as never reaching the target unless it
+  did before diverging). FedBiF is ahead of a method when, on their shared seeds, it reaches
+  the target on at least one and on at least as many as the method, and with fewer MB (mean) on
+  the seeds where both reach it (ahead outright when there is none). The claim holds when FedBiF
+  is ahead of every method; a method sharing no seed with FedBiF counts against it. The line
+  names the methods it holds and fails against with the reason, and the seeds a pair is judged
+  on where they leave a seed out."""
   claim = (f"- *FedBiF needs far fewer bytes to reach a given accuracy* "
            f"({PARTITION_LABELS[p]}, target {100 * target:.1f}%): ")
   fedbif = table[("fedbif", p)]
-  mb_b, round_b, hit_b, n_b = _to_target(fedbif, target)
+  mine_all = _reach_by_seed(fedbif, target)
   shown, wins, losses = [], [], []
   for v in ("fedavg",) + BASELINES:
     other = table.get((v, p), [])
-    if not _seeds(other):
+    theirs_all = _reach_by_seed(other, target)
+    if not theirs_all:
       continue
-    seeds, (mine, theirs) = _matched(fedbif, other)
+    seeds = mine_all.keys() & theirs_all.keys()
     if not seeds:
       shown.append(f"{LABELS[v]}: no seed in common")
       losses.append((LABELS[v], "no seed in common"))
       continue
-    mb, rnd, hit, n = _to_target(theirs, target)
-    mb_mine, _, hit_mine, n_mine = _to_target(mine, target)
-    note = _seed_note(seeds, fedbif, other)
-    if note and mb_b is not None:
-      note += (f", where FedBiF {mb_mine:.1f} ({hit_mine}/{n_mine} seeds)" if hit_mine
-               else ", where FedBiF never reaches it")
-    shown.append(f"{LABELS[v]} " + (f"{mb:.1f} ({hit}/{n} seeds, round {rnd:.0f})" if hit
-                                    else f"never (0/{n} seeds)") + (f" [{note}]" if note else ""))
-    if mb_b is not None:
-      if hit_mine < hit or hit_mine == 0:
-        losses.append((LABELS[v], "FedBiF reaches it on fewer seeds"))
-      elif mb is None or mb_mine < mb:
-        wins.append(LABELS[v])
-      else:
-        losses.append((LABELS[v], "FedBiF needs more MB"))
-  if mb_b is None:
-    return (claim + f"{_verdict(False)}. FedBiF never reaches the target (0/{n_b} seeds); "
+    mine = {s: mine_all[s] for s in seeds}
+    theirs = {s: theirs_all[s] for s in seeds}
+    hit_mine, hit = _reach_stat(mine)[2], _reach_stat(theirs)[2]
+    both = sorted(s for s in seeds if mine[s] and theirs[s])
+    notes = []
+    if seeds != mine_all.keys() or seeds != theirs_all.keys():
+      notes.append(f"seeds {_seed_list(seeds)}"
+                   + (f", where FedBiF {_reach_cell(mine, fedbif)}" if seeds != mine_all.keys()
+                      else ""))
+    mb_mine_both = float(np.mean([mine[s][1] for s in both])) if both else None
+    mb_both = float(np.mean([theirs[s][1] for s in both])) if both else None
+    if both and (hit_mine != len(both) or hit != len(both)):
+      notes.append(f"on the {len(both)} seed{'s' if len(both) > 1 else ''} both reach it: "
+                   f"FedBiF {mb_mine_both:.1f}, {LABELS[v]} {mb_both:.1f}")
+    shown.append(f"{LABELS[v]} {_reach_cell(theirs, other)}"
+                 + (f" [{'; '.join(notes)}]" if notes else ""))
+    if hit_mine == 0:
+      losses.append((LABELS[v], "FedBiF never reaches it on their shared seeds"))
+    elif hit_mine < hit:
+      losses.append((LABELS[v], "FedBiF reaches it on fewer seeds"))
+    elif not both or mb_mine_both < mb_both:
+      wins.append(LABELS[v])
+    else:
+      losses.append((LABELS[v], "FedBiF needs no fewer MB where both reach it"))
+  if not any(mine_all.values()):
+    return (claim + f"{_verdict(False)}. FedBiF never reaches the target "
+            f"{_reach_cell(mine_all, fedbif).removeprefix('never ')}; "
             "MB to target: " + "; ".join(shown) + ".")
   by_reason = defaultdict(list)
   for label, reason in losses:
@@ -702,8 +740,8 @@ def bytes_claim(table, p, target) -> str:
   against = (f" (holds against {', '.join(wins) or 'none'}; not against "
              + "; ".join(f"{', '.join(labels)}: {reason}" for reason, labels in by_reason.items())
              + ")" if losses else "")
-  return (claim + f"{_verdict(not losses)}{against}. MB to target: FedBiF {mb_b:.1f} "
-          f"({hit_b}/{n_b} seeds, round {round_b:.0f}); " + "; ".join(shown) + ".")
+  return (claim + f"{_verdict(not losses)}{against}. MB to target: FedBiF "
+          f"{_reach_cell(mine_all, fedbif)}; " + "; ".join(shown) + ".")
 
 
 def _last_k_stat(runs):
@@ -967,8 +1005,9 @@ def write_report(root: str, out: str, tuned_path: str = DEFAULT_TUNED, smoke: bo
   lines += ["", "Verdicts compare means over seeds: over the seeds that every cell a comparison "
             "reads has finished (named where that leaves a finished seed out); \"within noise\" "
             "marks a gap smaller than twice the larger sample std. In the bytes claim FedBiF is ahead of "
-            "a method when it reaches the target on at least as many of their shared seeds and, "
-            "where both reach it, with fewer MB. A claim that does not hold here is a result about "
+            "a method when, on their shared seeds (a diverged run counts, as not reaching the "
+            "target after it diverged), it reaches the target on at least as many, and with "
+            "fewer MB on the seeds both reach it. A claim that does not hold here is a result about "
             f"this scale ({scale}, the data above), not a verdict on the paper's full-scale "
             "runs.", ""]
   short = coverage(runs, smoke)

@@ -249,8 +249,12 @@ def test_ablation_text_reads_the_bit_step_from_the_runs_configs():
   assert "matched" not in report_lib._bit_step_note(ref, {})
   ref5 = [cfg_run(bit_step="inverse_pow2", bit_lr_scale=2.0, bits=5)]
   assert "is 8 times smaller at m = 8" in report_lib._bit_step_note(ref5, {})
-  uniform = report_lib._bit_step_note([cfg_run(bit_step="uniform", bit_lr_scale=1.0, bits=4)], abl)
+  uniform_abl = {("fedbif-1-8-matched", "dir0.5"): [cfg_run(bit_step="uniform", bit_lr_scale=1.0,
+                                                            bits=8)]}
+  uniform = report_lib._bit_step_note([cfg_run(bit_step="uniform", bit_lr_scale=1.0, bits=4)],
+                                      uniform_abl)
   assert "`uniform`" in uniform and "keep the tuned scale" in uniform and "16" not in uniform
+  assert uniform.endswith("(the rows \"bit step matched to 1/4\" run at 1).")
   assert report_lib._bit_step_note([{"config": None}], abl) == ""
 
 
@@ -376,7 +380,7 @@ def test_bytes_claim_weighs_fedbif_against_every_method_by_hand():
            ("fedpaq", "iid"): [_bytes_run([0.1, 0.2, 0.3], 2.0)]}
   line = report_lib.bytes_claim(table, "iid", 0.5)
   assert ("**does not hold** (holds against FedAvg, FedPAQ; not against SignSGD: FedBiF needs "
-          "more MB)") in line
+          "no fewer MB where both reach it)") in line
   assert ("MB to target: FedBiF 3.0 (1/1 seeds, round 3); FedAvg 10.0 (1/1 seeds, round 1); "
           "SignSGD 1.0 (1/1 seeds, round 2); FedPAQ never (0/1 seeds).") in line
   del table[("signsgd", "iid")]
@@ -395,7 +399,7 @@ def test_bytes_claim_compares_each_method_on_the_seeds_it_shares_with_fedbif():
   table = {("fedbif", "iid"): fedbif, ("fedavg", "iid"): [_bytes_run([0.5, 0.6], 1.5, seed=1)]}
   line = report_lib.bytes_claim(table, "iid", 0.5)
   assert line.endswith("**holds**. MB to target: FedBiF 2.0 (2/2 seeds, round 2); FedAvg 1.5 "
-                       "(1/1 seeds, round 1) [seeds 1, where FedBiF 1.0 (1/1 seeds)].")
+                       "(1/1 seeds, round 1) [seeds 1, where FedBiF 1.0 (1/1 seeds, round 1)].")
   table[("fedpaq", "iid")] = [_bytes_run([0.1, 0.2], 2.0, seed=5)]
   line = report_lib.bytes_claim(table, "iid", 0.5)
   assert "**does not hold** (holds against FedAvg; not against FedPAQ: no seed in common)" in line
@@ -413,5 +417,37 @@ def test_bytes_claim_needs_fedbif_to_reach_the_target_on_as_many_seeds():
   line = report_lib.bytes_claim(table, "iid", 0.5)
   assert ("**does not hold** (holds against SignSGD; not against FedAvg: FedBiF reaches it on "
           "fewer seeds)") in line
-  assert ("MB to target: FedBiF 1.0 (1/2 seeds, round 1); FedAvg 10.0 (2/2 seeds, round 1); "
-          "SignSGD never (0/2 seeds).") in line
+  assert ("MB to target: FedBiF 1.0 (1/2 seeds, round 1); FedAvg 10.0 (2/2 seeds, round 1) "
+          "[on the 1 seed both reach it: FedBiF 1.0, FedAvg 10.0]; SignSGD never (0/2 seeds).") in line
+
+
+def test_bytes_claim_compares_mb_on_the_seeds_both_reach_and_counts_diverged_runs():
+  """Target 0.5, 1 MB per round unless said.
+  (a) FedBiF reaches it on seeds 0, 1, 2 at rounds 1, 1, 10 (mean 4.0 MB); FedAvg only on seed
+  0, at 2 MB. Over each side's own hits 4.0 > 2.0, but on seed 0, where both reach it, 1 < 2.
+  (b) FedBiF reaches it on seed 0 only, FedPAQ has seed 1 only and never: on the shared seed 1
+  FedBiF never reaches it.
+  (c) FedBiF diverges on seed 2 (after round 1, below the target) where FedDQ reaches it: it
+  reaches it on 2 of 3 against 3 of 3, so it is not ahead (dropping the diverged seed would
+  make it so)."""
+  never = [0.1] * 10
+  fedbif = [_bytes_run([0.5] + never[1:], 1.0, seed=0), _bytes_run([0.5] + never[1:], 1.0, seed=1),
+            _bytes_run(never[:9] + [0.5], 1.0, seed=2)]
+  fedavg = [_bytes_run([0.6] * 10, 2.0, seed=0)] + [_bytes_run(never, 2.0, seed=s) for s in (1, 2)]
+  line = report_lib.bytes_claim({("fedbif", "iid"): fedbif, ("fedavg", "iid"): fedavg}, "iid", 0.5)
+  assert ("**holds**. MB to target: FedBiF 4.0 (3/3 seeds, round 4); FedAvg 2.0 (1/3 seeds, "
+          "round 1) [on the 1 seed both reach it: FedBiF 1.0, FedAvg 2.0].") in line
+  only_seed_0 = [_bytes_run([0.5] + never[1:], 1.0, seed=0), _bytes_run(never, 1.0, seed=1)]
+  table = {("fedbif", "iid"): only_seed_0, ("fedpaq", "iid"): [_bytes_run(never, 1.0, seed=1)]}
+  line = report_lib.bytes_claim(table, "iid", 0.5)
+  assert "not against FedPAQ: FedBiF never reaches it on their shared seeds)" in line
+  assert "FedPAQ never (0/1 seeds) [seeds 1, where FedBiF never (0/1 seeds)]" in line
+  diverged = dict(_bytes_run([0.3], 1.0, seed=2), summary=None, failed={"round": 1})
+  table = {("fedbif", "iid"): fedbif[:2] + [diverged],
+           ("feddq", "iid"): [_bytes_run([0.6] * 10, 2.0, seed=s) for s in range(3)]}
+  line = report_lib.bytes_claim(table, "iid", 0.5)
+  assert "not against FedDQ: FedBiF reaches it on fewer seeds)" in line
+  assert "MB to target: FedBiF 1.0 (2/3 seeds, 1 diverged, round 1)" in line
+  table[("fedbif", "iid")] = [diverged]
+  line = report_lib.bytes_claim(table, "iid", 0.5)
+  assert "FedBiF never reaches the target (0/1 seeds, 1 diverged); MB to target: FedDQ" in line
