@@ -798,14 +798,19 @@ def _gap_list(gaps) -> str:
 
 
 def _last_k_gaps(table, p) -> str:
-  """The same comparison on the last-k mean, naming the methods FedBiF is ahead of there."""
+  """The same comparison on the last-k mean, naming the methods FedBiF is ahead of, within noise
+  of and behind there."""
   mine, gaps = _gaps_to_fedbif(table, p, _last_k_stat)
   if not gaps:
     return ""
-  ahead = [LABELS[v] for v, g, *_ in gaps if g is not None and g > 0]
+  groups = {"ahead of": [], "within noise of": [], "behind": []}
+  for v, g, noise, _ in gaps:
+    if g is not None:
+      groups["within noise of" if noise else "ahead of" if g > 0 else "behind"].append(LABELS[v])
   return (f" On the last-{LAST_EVALS} mean: FedBiF {100 * mine[0]:.1f}%; minus each: "
-          + _gap_list(gaps)
-          + (f"; ahead of {', '.join(ahead)} only." if ahead else "; behind every method."))
+          + _gap_list(gaps) + "; "
+          + "; ".join(f"{word} {', '.join(labels)}" for word, labels in groups.items() if labels)
+          + ".")
 
 
 def claims(table, abl, partitions, targets) -> list[str]:

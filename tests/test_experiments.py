@@ -342,7 +342,16 @@ def test_last_k_column_averages_each_runs_last_evaluations_by_hand():
   # +4.0 points.
   gaps = report_lib._last_k_gaps({("fedbif", "iid"): [dict(steady, seed=0)],
                                   ("signsgd", "iid"): [swing]}, "iid")
-  assert gaps == " On the last-5 mean: FedBiF 54.0%; minus each: SignSGD +4.0; ahead of SignSGD only."
+  assert gaps == " On the last-5 mean: FedBiF 54.0%; minus each: SignSGD +4.0; ahead of SignSGD."
+  # FedAvg two seeds at 0.55 / 0.55 (last-5 55.0 ± 0.0) against FedBiF 0.54 / 0.54: -1.0, behind;
+  # FedPAQ 0.50 / 0.60 (55.0 ± 7.1): -1.0, within noise.
+  two = [dict(steady, seed=s) for s in (0, 1)]
+  table = {("fedbif", "iid"): two,
+           ("fedavg", "iid"): [_paired_run(s, [0.55]) for s in (0, 1)],
+           ("fedpaq", "iid"): [_paired_run(0, [0.50]), _paired_run(1, [0.60])]}
+  assert report_lib._last_k_gaps(table, "iid") == (
+      " On the last-5 mean: FedBiF 54.0%; minus each: FedAvg -1.0, FedPAQ -1.0 (within noise); "
+      "within noise of FedPAQ; behind FedAvg.")
 
 
 def test_planes_section_counts_rounds_and_averages_flip_rates_by_hand():
