@@ -307,12 +307,7 @@ def tuning_section(tune: dict, tuned: dict, smoke: bool, rel, fig_dir) -> list[s
 
 def _to_target(runs, target):
   """(mean MB, mean round, seeds that reach `target`, finished seeds) over finished runs."""
-  reached = [reach(r, target) for r in runs if r["summary"]]
-  hits = [h for h in reached if h]
-  if not hits:
-    return None, None, 0, len(reached)
-  return (float(np.mean([h[1] for h in hits])), float(np.mean([h[0] for h in hits])),
-          len(hits), len(reached))
+  return _reach_stat([reach(r, target) for r in runs if r["summary"]])
 
 
 def _result_cells(runs: list[dict], target) -> str:
@@ -664,10 +659,11 @@ def _reach_by_seed(runs, target) -> dict:
   return {r["seed"]: reach(r, target) for r in runs if r["summary"] or r["failed"]}
 
 
-def _reach_stat(reached: dict):
-  """(mean MB, mean round) over the seeds of `reached` that reach the target (None, None if
-  none), the number that do, and the number of seeds."""
-  hits = [h for h in reached.values() if h]
+def _reach_stat(reached):
+  """(mean MB, mean round) over the entries of `reached` ((round, MB) or None) that reach the
+  target (None, None if none), the number that do, and the number of entries."""
+  reached = list(reached)
+  hits = [h for h in reached if h]
   if not hits:
     return None, None, 0, len(reached)
   return (float(np.mean([h[1] for h in hits])), float(np.mean([h[0] for h in hits])),
@@ -675,7 +671,7 @@ def _reach_stat(reached: dict):
 
 
 def _reach_cell(reached: dict, runs) -> str:
-  mb, rnd, hit, n = _reach_stat(reached)
+  mb, rnd, hit, n = _reach_stat(reached.values())
   failed = sum(1 for r in runs if r["failed"] and r["seed"] in reached)
   diverged = f", {failed} diverged" if failed else ""
   return (f"{mb:.1f} ({hit}/{n} seeds{diverged}, round {rnd:.0f})" if hit
@@ -708,7 +704,7 @@ def bytes_claim(table, p, target) -> str:
       continue
     mine = {s: mine_all[s] for s in seeds}
     theirs = {s: theirs_all[s] for s in seeds}
-    hit_mine, hit = _reach_stat(mine)[2], _reach_stat(theirs)[2]
+    hit_mine, hit = _reach_stat(mine.values())[2], _reach_stat(theirs.values())[2]
     both = sorted(s for s in seeds if mine[s] and theirs[s])
     notes = []
     if seeds != mine_all.keys() or seeds != theirs_all.keys():
@@ -1009,10 +1005,11 @@ def write_report(root: str, out: str, tuned_path: str = DEFAULT_TUNED, smoke: bo
            f"{example['rounds']} rounds" if example else "this scale")
   lines += ["", "Verdicts compare means over seeds: over the seeds that every cell a comparison "
             "reads has finished (named where that leaves a finished seed out); \"within noise\" "
-            "marks a gap smaller than twice the larger sample std. In the bytes claim FedBiF is ahead of "
-            "a method when, on their shared seeds (a diverged run counts, as not reaching the "
-            "target after it diverged), it reaches the target on at least as many, and with "
-            "fewer MB on the seeds both reach it. A claim that does not hold here is a result about "
+            "marks a gap smaller than twice the larger sample std. In the bytes claim FedBiF is "
+            "ahead of a method when, on their shared seeds (a diverged run counts, as not "
+            "reaching the target after it diverged), it reaches the target on at least as many, "
+            "and with fewer MB on the seeds both reach it. A claim that does not hold here is a "
+            "result about "
             f"this scale ({scale}, the data above), not a verdict on the paper's full-scale "
             "runs.", ""]
   short = coverage(runs, smoke)
